@@ -1,0 +1,129 @@
+"""Training checkpoints: `checkpoint.dir/step-N/`, written atomically.
+
+A folder holds:
+    config.json, model*.safetensors   the model in Hugging Face format (dist.models.save_hf)
+    optimizer.pt                      AdamW state (replicated under data parallelism: rank 0 writes it)
+    rng-rank{R}.pt                    each rank's CPU (and CUDA) RNG state
+    state.json                        step, data position, world size; written last: its presence
+                                      marks the folder complete
+
+Every rank writes into `step-N.tmp/`; after a barrier rank 0 writes
+state.json and renames the folder to `step-N/`, so a crash mid-save leaves
+no folder that looks complete. The directory must be on a filesystem every
+rank sees (shared storage for multi-node runs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("dist.checkpoint")
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step}")
+
+
+def latest(root: str) -> str | None:
+    """Newest complete step-N folder under root, or None."""
+    if not os.path.isdir(root):
+        return None
+    steps = []
+    for name in os.listdir(root):
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "state.json")):
+            steps.append(int(m.group(1)))
+    return step_dir(root, max(steps)) if steps else None
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save(root: str, step: int, model, optimizer, *, rank: int, world_size: int, extra: dict | None = None) -> str:
+    """Collective: every rank calls it. Returns the final folder path."""
+    from dist.models import save_hf
+
+    final = step_dir(root, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    if rank == 0:
+        save_hf(model, tmp)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    dist.barrier()
+    if rank == 0:
+        state = {"format_version": FORMAT_VERSION, "step": step, "data_position": step,
+                 "world_size": world_size, **(extra or {})}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        if os.path.exists(final):  # saving the same step again: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def resolve(resume: str, root: str) -> str | None:
+    """checkpoint.resume ("" | "latest" | folder) -> folder to load or None. Raises ValueError."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest(root)  # None: nothing saved yet, start fresh
+    return resume
+
+
+def load(path: str, model, optimizer, *, rank: int, world_size: int) -> dict:
+    """Restore model, optimizer and this rank's RNG from `path`; returns state.json's dict."""
+    from dist.models import load_hf
+
+    state_file = os.path.join(path, "state.json")
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint directory not found: {path}")
+    if not os.path.isfile(state_file):
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: no state.json")
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+        step = int(state["step"])
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+        raise ValueError(f"checkpoint {path} is corrupt: unreadable state.json") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {state.get('format_version')}, "
+                         f"this build reads {FORMAT_VERSION}")
+    opt_file = os.path.join(path, "optimizer.pt")
+    if not os.path.isfile(opt_file):
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: no optimizer.pt")
+    loaded = load_hf(path)
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not match the configured model: {str(e).splitlines()[0]}") from None
+    optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+    rng_file = os.path.join(path, f"rng-rank{rank}.pt")
+    if state.get("world_size") == world_size and os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif rank == 0:
+        log.warning("checkpoint %s was written by %s ranks, this run has %s: RNG states not restored "
+                    "(data and weights still resume exactly)", path, state.get("world_size"), world_size)
+    return state

@@ -1,0 +1,209 @@
+"""The training loop behind `python -m dist.launch train`.
+
+Per step: the global batch (a pure function of seed and step) is dealt to the
+data-parallel groups, balancing tokens; each group runs its sequences one by
+one (sharded over its sequence-parallel ranks when sp.degree > 1) and
+accumulates gradients of sum(token losses) / global target count; one
+all-reduce over all ranks sums them (that sum also adds up the per-shard
+gradients of a sequence-parallel group); then clipping and AdamW.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist import checkpoint
+from dist.config import Config
+from dist.data import make_dataset, split_for_dp
+from dist.runtime import Runtime
+
+log = logging.getLogger("dist.train")
+
+IGNORE = -100
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up then cosine decay to lr * min_lr_ratio."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def build_model(cfg: Config, device):
+    from dist.models import build_model as build, load_hf
+
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.path:
+        model = load_hf(cfg.model.path, dtype=dtype, device=device)
+    else:
+        model = build(cfg.model.preset, seed=cfg.train.seed).to(device=device, dtype=dtype)
+    return model
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum gradients over all ranks in one flat buffer (missing grads count as zero)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+class SequenceRunner:
+    """Runs one sequence (forward + backward) on this rank's slice of it."""
+
+    def __init__(self, model, rt: Runtime, cfg: Config):
+        self.model, self.rt, self.sp = model, rt, rt.mesh.sp
+        self.layout = cfg.sp.layout
+        if self.sp > 1:
+            from dist.ringattn import shard
+            from dist.seqpar import wrap_model
+
+            self.shard = shard
+            self.model = wrap_model(model, group=rt.sp_group, strategy=cfg.sp.strategy, layout=self.layout)
+
+    def __call__(self, seq: torch.Tensor, recall: torch.Tensor, n_global: int) -> tuple[float, float, int]:
+        """seq: [len] tokens. Returns (loss sum, recall-loss sum, recall count) of this rank's targets."""
+        dev = self.rt.device
+        inputs, labels = seq[:-1], seq[1:].clone()
+        positions = torch.arange(len(inputs))
+        if self.sp > 1:
+            multiple = 2 * self.sp if self.layout == "zigzag" else self.sp
+            pad = -len(inputs) % multiple
+            if pad:  # padded at the end: causal attention keeps real tokens unaffected
+                inputs = F.pad(inputs, (0, pad))
+                labels = F.pad(labels, (0, pad), value=IGNORE)
+                recall = F.pad(recall, (0, pad))
+                positions = torch.arange(len(inputs))
+            r, w = self.rt.sp_index, self.sp
+            inputs, labels, positions, recall = (self.shard(x, 0, r, w, self.layout)
+                                                 for x in (inputs, labels, positions, recall))
+        logits = self.model(input_ids=inputs[None].to(dev), position_ids=positions[None].to(dev))
+        losses = F.cross_entropy(logits[0].float(), labels.to(dev), ignore_index=IGNORE, reduction="none")
+        (losses.sum() / n_global).backward()
+        recall = recall.to(dev)
+        return losses.sum().item(), losses[recall].sum().item(), int(recall.sum())
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: Config) -> dict:
+    """Run training; returns a summary dict (final loss, steps, checkpoint path)."""
+    with Runtime.start(cfg) as rt:
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        seed_everything(cfg.train.seed, rt.rank)
+        model = build_model(cfg, rt.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.train.lr, betas=tuple(cfg.train.betas), foreach=False)
+        start = 0
+        resume_from = checkpoint.resolve(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        if resume_from:
+            state = checkpoint.load(resume_from, model, optimizer, rank=rt.rank, world_size=rt.world_size)
+            start = state["step"]
+            if rt.is_main:
+                log.info("resumed from %s at step %d", resume_from, start)
+        tokenizer = None
+        if cfg.data.kind == "jsonl":
+            from dist.models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model.path or None)
+        data = make_dataset(cfg, model.config.vocab_size, tokenizer)
+        runner = SequenceRunner(model, rt, cfg)
+
+        metrics_file = None
+        if rt.is_main:
+            os.makedirs(cfg.log.dir, exist_ok=True)
+            metrics_file = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a" if start else "w")
+            log.info("%s | model %.2fM params | %d steps from %d | %d tokens/step",
+                     rt, sum(p.numel() for p in params) / 1e6, cfg.train.steps, start, cfg.data.tokens_per_step)
+        bar = None
+        if rt.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
+                       disable=None)
+        last = {}
+        saved = None
+        try:
+            for step in range(start, cfg.train.steps):
+                t0 = time.perf_counter()
+                batch = data.batch(step)
+                n_global = batch.num_targets
+                mine = split_for_dp([len(s) for s in batch.seqs], rt.mesh.dp)[rt.dp_index]
+                sums = torch.zeros(3, dtype=torch.float64)
+                for i in mine:
+                    sums += torch.tensor(runner(batch.seqs[i], batch.recall_masks[i], n_global),
+                                         dtype=torch.float64)
+                all_reduce_grads(params)
+                dist.all_reduce(sums)  # loss sums over every rank's targets
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                             if cfg.train.grad_clip > 0 else torch.tensor(float("nan")))
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                loss = sums[0].item() / n_global
+                last = {"step": step + 1, "loss": loss, "tokens": n_global,
+                        "tokens_per_s": n_global / dt, "step_s": dt, "lr": lr,
+                        "grad_norm": float(grad_norm), "sequences": len(batch.seqs),
+                        "recall_loss": sums[1].item() / sums[2].item() if sums[2] > 0 else None,
+                        "mem_mb": memory_mb(rt.device)}
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step + 1}")
+                if rt.is_main and ((step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps):
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                    mem=f"{last['mem_mb']:.0f}MB", refresh=False)
+                if bar:
+                    bar.update(1)
+                done = step + 1 == cfg.train.steps
+                if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done):
+                    saved = checkpoint.save(cfg.checkpoint.dir, step + 1, model, optimizer, rank=rt.rank,
+                                            world_size=rt.world_size)
+        finally:
+            if bar:
+                bar.close()
+            if metrics_file:
+                metrics_file.close()
+        if rt.is_main:
+            log.info("done: step %s loss %.4f%s", last.get("step", start), last.get("loss", float("nan")),
+                     f" | checkpoint {saved}" if saved else "")
+        return {**last, "checkpoint": saved, "model": model, "optimizer": optimizer}
