@@ -1,14 +1,22 @@
-"""Attention kernels. PLACEHOLDER until the kernels work lands: `attention` via torch SDPA."""
+"""Attention kernels: block attention with log-sum-exp (forward/backward, causal offsets, GQA, varlen),
+the one merge of partial results, and paged split-KV decode. Triton on CUDA, torch on CPU.
 
-import torch
-import torch.nn.functional as F
+    from dist.kernels import attention, attention_forward, attention_backward, merge_attention, decode_attention
 
+Shapes: q [batch, seq_q, heads_q, dim]; k, v [batch, seq_k, heads_kv, dim]; lse float32 [batch, heads_q, seq_q].
+See dist/kernels/README.md.
+"""
 
-def attention(q, k, v, *, causal=True, softmax_scale=None):
-    """q: [batch, seq, heads_q, dim]; k, v: [batch, seq, heads_kv, dim] -> [batch, seq, heads_q, dim]."""
-    rep = q.shape[2] // k.shape[2]
-    k = k.repeat_interleave(rep, dim=2)
-    v = v.repeat_interleave(rep, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2)
+from .attention import attention, attention_backward, attention_forward, triton_available
+from .decode import decode_attention
+from .merge import merge_attention, merge_attention_splits
+
+__all__ = [
+    "attention",
+    "attention_forward",
+    "attention_backward",
+    "merge_attention",
+    "decode_attention",
+    "merge_attention_splits",
+    "triton_available",
+]
