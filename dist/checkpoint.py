@@ -62,12 +62,10 @@ def save(root: str, step: int, model, optimizer, *, rank: int, world_size: int, 
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        save_hf(model, tmp)  # creates tmp/
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     dist.barrier()
     torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if rank == 0:
-        save_hf(model, tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     dist.barrier()
     if rank == 0:
         state = {"format_version": FORMAT_VERSION, "step": step, "data_position": step,

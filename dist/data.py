@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BOS, EOS, PAD, QUERY = 256, 257, 258, 259   # ids shared with dist.models.ByteTokenizer's specials
-FIRST_FILLER = 0                            # filler and needle tokens come from [0, 256)
+from dist.models.tokenizer import ByteTokenizer
+
+BOS = ByteTokenizer.bos_id                  # needle and filler tokens are bytes [0, 256)
+QUERY = ByteTokenizer.vocab_size            # one id past the byte tokenizer's: "repeat the needle now"
 NEEDLE_LEN = 8
 
 

@@ -115,6 +115,23 @@ def memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def open_metrics(path: str, start: int):
+    """metrics.jsonl for appending; a resumed run keeps the rows up to its start step and drops later ones
+    (written by the interrupted run after its last checkpoint), so every step appears once."""
+    kept = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a torn last line from a killed run
+    f = open(path, "w")
+    f.writelines(kept)
+    return f
+
+
 def train(cfg: Config) -> dict:
     """Run training; returns a summary dict (final loss, steps, checkpoint path)."""
     with Runtime.start(cfg) as rt:
@@ -148,7 +165,7 @@ def train(cfg: Config) -> dict:
         metrics_file = None
         if rt.is_main:
             os.makedirs(cfg.log.dir, exist_ok=True)
-            metrics_file = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a" if start else "w")
+            metrics_file = open_metrics(os.path.join(cfg.log.dir, "metrics.jsonl"), start)
             log.info("%s | model %.2fM params | %d steps from %d | %d tokens/step",
                      rt, sum(p.numel() for p in params) / 1e6, cfg.train.steps, start, cfg.data.tokens_per_step)
         bar = None

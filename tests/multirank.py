@@ -28,7 +28,8 @@ import socket
 import tempfile
 import traceback
 
-import torch.multiprocessing as mp
+import multiprocessing as mp
+import pickle
 
 
 def free_port() -> int:
@@ -58,7 +59,7 @@ def _child(fn, rank, world_size, args, store_path, env, init_group, collective_t
         finally:
             if init_group and dist.is_initialized():
                 dist.destroy_process_group()
-        results.put((rank, True, out))
+        results.put((rank, True, pickle.dumps(out)))  # bytes: no shared-memory handles outlive the child
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, False, traceback.format_exc()))
 
@@ -105,7 +106,10 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, init_group: 
                 for r in dead:  # died without reporting (segfault, os._exit, SIGKILL)
                     errors[r] = f"rank {r} exited with code {procs[r].exitcode} before reporting"
                 continue
-            (outs if ok else errors)[rank] = value
+            if ok:
+                outs[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
