@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"          # "tiny" | "llama3-8b" | "llama3-70b" (ignored when path is set)
+    preset: str = "tiny"          # a name in dist.models.PRESETS: tiny, llama3-8b, llama3-70b, llama3.1-8b, ...
     path: str = ""                # a local Hugging Face Llama directory to load (config.json + safetensors)
     dtype: str = "float32"        # parameter dtype: "float32" | "bfloat16" | "float16"
 
@@ -104,7 +104,6 @@ class Config:
 
 
 CHOICES = {
-    "model.preset": ("tiny", "llama3-8b", "llama3-70b"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.kind": ("synthetic", "jsonl"),
     "sp.strategy": ("tokenring", "ring", "allgather", "auto", "ulysses"),
@@ -205,6 +204,10 @@ def validate(cfg: Config) -> None:
         "train.lr": cfg.train.lr, "sp.degree": cfg.sp.degree, "runtime.timeout_s": cfg.runtime.timeout_s,
         "log.every": cfg.log.every,
     }
+    from dist.models.llama import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"config key 'model.preset' must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")

@@ -94,6 +94,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, init_group: 
         deadline = time.monotonic() + timeout_s
         outs: dict[int, object] = {}
         errors: dict[int, str] = {}
+        exited_quietly: set[int] = set()
         while len(outs) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -101,10 +102,11 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, init_group: 
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if p.exitcode not in (None, 0) and r not in outs and r not in errors]
-                for r in dead:  # died without reporting (segfault, os._exit, SIGKILL)
+                # exited without reporting (segfault, os._exit, SIGKILL): seen on two quiet polls in a row
+                gone = {r for r, p in enumerate(procs) if p.exitcode is not None and r not in outs and r not in errors}
+                for r in gone & exited_quietly:
                     errors[r] = f"rank {r} exited with code {procs[r].exitcode} before reporting"
+                exited_quietly = gone
                 continue
             if ok:
                 outs[rank] = pickle.loads(value)

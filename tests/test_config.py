@@ -38,6 +38,7 @@ def test_parse_override_types(text):
     (["train.steps=1.5"], "train.steps"),
     (["train.deterministic=1"], "train.deterministic"),
     (["sp.strategy=bogus"], "sp.strategy"),
+    (["model.preset=gpt5"], "model.preset"),
     (["train.steps=0"], "train.steps"),
     (["data.kind=jsonl"], "data.path"),
     (["data.kind=jsonl", "data.path=/nonexistent/file.jsonl"], "data.path"),

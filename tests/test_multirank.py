@@ -24,3 +24,18 @@ def test_ranks_sum():
 def test_failure_names_rank():
     with pytest.raises(RuntimeError, match="rank 1"):
         run_ranks(_fail_on_one, 2, timeout_s=60)
+
+
+def _vanish_on_one(rank, world_size):
+    import os
+    if rank == 1:
+        os._exit(0)
+    return rank
+
+
+def test_rank_that_vanishes_is_reported_fast():
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 0"):
+        run_ranks(_vanish_on_one, 2, timeout_s=60)
+    assert time.monotonic() - t0 < 30
