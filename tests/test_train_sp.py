@@ -22,12 +22,15 @@ def _train(rank, world_size, overrides):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("strategy,layout", [("tokenring", "zigzag"), ("ring", "contiguous")])
-def test_sp2_matches_sp1(tmp_path, strategy, layout):
+@pytest.mark.parametrize("strategy,layout,world", [("tokenring", "zigzag", 2), ("ring", "contiguous", 2),
+                                                   ("tokenring", "zigzag", 4)])
+def test_sp2_matches_sp1(tmp_path, strategy, layout, world):
+    """world 2: one SP group of 2; world 4: two data-parallel groups of 2 (dp=2 x sp=2)."""
     base = SMALL + [f"sp.strategy={strategy}", f"sp.layout={layout}"]
     ref_losses, ref_params = run_ranks(_train, 1, base + [f"log.dir={tmp_path}/a"], init_group=False,
                                        timeout_s=150)[0]
-    out = run_ranks(_train, 2, base + ["sp.degree=2", f"log.dir={tmp_path}/b"], init_group=False, timeout_s=200)
+    out = run_ranks(_train, world, base + ["sp.degree=2", f"log.dir={tmp_path}/b"], init_group=False,
+                    timeout_s=200)
     losses, params = out[0]
     assert len(losses) == 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
@@ -35,4 +38,4 @@ def test_sp2_matches_sp1(tmp_path, strategy, layout):
         # Adam's m / sqrt(v) magnifies fp32 summation-order noise on near-zero gradients; the updates
         # themselves are ~1e-3..1e-2, so 1e-4 still catches any real difference
         torch.testing.assert_close(params[k], v, rtol=1e-4, atol=1e-4)
-        assert torch.equal(params[k], out[1][1][k])  # both SP ranks hold the same weights
+        assert all(torch.equal(params[k], o[1][k]) for o in out[1:])  # every rank holds the same weights
