@@ -1,0 +1,308 @@
+"""Ring attention benchmark: forward+backward time, bytes per rank and efficiency of every strategy,
+with DeepSpeed-Ulysses (deepspeed.sequence.layer.DistributedAttention) as the peer in the same run,
+and the dist.sim model's prediction beside each measurement.
+
+    python benchmarks/bench_ringattn.py --world-sizes 2 --seq-len 4096 --heads 8 --head-dim 64
+    torchrun --nproc-per-node 2 benchmarks/bench_ringattn.py ...        # uses the env's process group
+
+efficiency = (single-rank time of the full sequence / P) / strategy time. One thread per rank.
+Writes benchmarks/results/ringattn.json (or --json) and a dated markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist import comm  # noqa: E402
+from dist.kernels import attention  # noqa: E402
+from dist.ringattn import ring_attention, shard  # noqa: E402
+from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
+                      bytes_per_rank, load_link_profiles, predict)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-sizes", default="2", help="comma list; ignored under torchrun")
+    ap.add_argument("--seq-len", type=int, default=4096, help="global sequence length")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
+    ap.add_argument("--strategies", default="tokenring,ring,allgather,ulysses")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--link-profile", help="JSON link profiles (dist.sim format); the first one is used for "
+                                           "predictions instead of the loopback measured here")
+    ap.add_argument("--label", default="", help="free text recorded with the results (e.g. testbed link)")
+    ap.add_argument("--json", default=None, help="output JSON (default benchmarks/results/ringattn.json)")
+    ap.add_argument("--no-write", action="store_true", help="print only (smoke tests)")
+    args = ap.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    return args
+
+
+def make_inputs(args, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, args.dtype)
+    shape_q = (args.batch, args.seq_len, args.heads, args.head_dim)
+    shape_kv = (args.batch, args.seq_len, args.kv_heads, args.head_dim)
+    q = torch.randn(shape_q, generator=g).to(dtype)
+    k = torch.randn(shape_kv, generator=g).to(dtype)
+    v = torch.randn(shape_kv, generator=g).to(dtype)
+    dout = torch.randn(shape_q, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def measure_link(nbytes=8 << 20, repeats=3):
+    """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    peer = 1 - rank if rank < 2 else None
+    buf, small = torch.zeros(nbytes // 4), torch.zeros(1)
+    results = {}
+    for name, size_buf in (("lat", small), ("bw", buf)):
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            ex = comm.Exchange()  # every rank: the first one creates the twin group
+            t0 = time.perf_counter()
+            if peer is not None:
+                ex.send(size_buf, peer, "probe")
+                ex.recv(torch.empty_like(size_buf), peer)
+                ex.start()
+                ex.wait()
+            times.append(time.perf_counter() - t0)
+        results[name] = min(times)
+    comm.counters.reset()
+    lat = results["lat"]
+    bw = nbytes / max(results["bw"] - lat, 1e-9)
+    return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}")
+
+
+def ulysses_fn(group, causal):
+    import deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
+
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the existing process group
+
+    def local(q, k, v, *a, **kw):
+        return attention(q, k, v, causal=causal)
+
+    return DistributedAttention(local, group or dist.group.WORLD, scatter_idx=2, gather_idx=1)
+
+
+def run_world(args, link_override):
+    """Every rank runs this. Returns rank 0's (rows, meta); the others return None.
+
+    The single-rank baseline (full sequence on rank 0 while the others wait) and every strategy are
+    timed in interleaved rounds, so a change of machine load affects all of them alike.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    q, k, v, dout = make_inputs(args)
+
+    def slowest(dt):
+        t = torch.tensor([0.0 if dt is None else dt], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    link = link_override or measure_link()
+    steps, skipped = {}, {}
+
+    def single():
+        if rank == 0:
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            attention(qq, kk, vv, causal=args.causal).backward(dout)
+
+    def single_fwd():
+        if rank == 0:
+            with torch.no_grad():
+                attention(q, k, v, causal=args.causal)
+
+    steps["single"], steps["single_fwd"] = single, single_fwd
+    for strategy in args.strategies.split(","):
+        layout = "contiguous" if strategy == "ulysses" else args.layout
+        mine = [shard(x, 1, rank, world, layout) for x in (q, k, v, dout)]
+        if strategy == "ulysses":
+            if args.heads % world or args.kv_heads % world:
+                skipped[strategy] = f"heads not divisible by {world}"
+                continue
+            uly = ulysses_fn(None, args.causal)
+
+            def step(mine=mine, uly=uly):
+                qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
+                uly(qq, kk, vv, 0).backward(mine[3])  # batch_dim_idx=0
+        else:
+            def step(mine=mine, strategy=strategy, layout=layout):
+                qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
+                ring_attention(qq, kk, vv, causal=args.causal, strategy=strategy, layout=layout).backward(mine[3])
+        steps[strategy] = step
+    times = {name: [] for name in steps}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in steps.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = slowest(time.perf_counter() - t0)
+            if i >= args.warmup:
+                times[name].append(dt)
+    t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
+    w = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
+                 args.causal, args.layout, q.element_size(), split_diag=q.is_cuda)
+    w_gpu = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
+                     args.causal, args.layout, 2)
+    full = Workload(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, 1, args.causal,
+                    "contiguous", q.element_size())
+    fwd_flops = full.block_flops(0, 0)
+    cpu = ComputeProfile("measured-cpu", fwd_flops / t1_fwd, 2.5 * fwd_flops / max(t1 - t1_fwd, 1e-9),
+                         "single-rank kernel time measured in this run")
+    rows = []
+    for strategy in args.strategies.split(","):
+        if strategy in skipped:
+            rows.append(dict(strategy=strategy, skipped=skipped[strategy]))
+            continue
+        med, lo, hi = statistics.median(times[strategy]), min(times[strategy]), max(times[strategy])
+        comm.counters.reset()
+        steps[strategy]()
+        sent = torch.tensor([sum(b for key, b in comm.counters.bytes.items() if key != "meta")], dtype=torch.float64)
+        dist.all_reduce(sent, op=dist.ReduceOp.MAX)
+        model_bytes = max(bytes_per_rank(strategy, w))
+        pred = predict(strategy, w, link, cpu)
+        rows.append(dict(
+            strategy=strategy, world=world, median_s=med, min_s=lo, max_s=hi,
+            spread=(hi - lo) / med, efficiency=(t1 / world) / med,
+            bytes_per_rank=int(sent.item()) if strategy != "ulysses" else model_bytes,
+            bytes_source="counted" if strategy != "ulysses" else "model",
+            model_bytes_per_rank=model_bytes, predicted_s=pred.total_s, predicted_compute_s=pred.compute_s,
+            gpu_predicted_ms={name: predict(strategy, w_gpu, LINK_PROFILES[name], COMPUTE_PROFILES["h100-bf16"])
+                              .total_s * 1e3 for name in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")},
+        ))
+    comm.counters.reset()
+    meta = dict(link=link.__dict__, compute=cpu.__dict__, single_s=t1, single_fwd_s=t1_fwd,
+                single_spread=(max(times["single"]) - min(times["single"])) / t1)
+    return (rows, meta) if rank == 0 else None
+
+
+def _spawned(rank, world, args, link_override, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        res = run_world(args, link_override)
+        if rank == 0:
+            torch.save(res, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def print_rows(args, world, rows, meta):
+    print(f"\nP={world}  s={args.seq_len} batch={args.batch} heads={args.heads}/{args.kv_heads} d={args.head_dim} "
+          f"causal={args.causal} layout={args.layout} {args.dtype}; single rank {meta['single_s']:.3f} s "
+          f"(spread {100 * meta['single_spread']:.0f}%); "
+          f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us")
+    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'MB/rank':>9} {'pred s':>8} {'meas/pred':>9}  "
+          f"GPU-predicted ms (h100, bf16): nvlink / pcie4 / pcie5 / ib200 / ib400")
+    base = {r["strategy"]: r for r in rows if "median_s" in r}
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['strategy']:10} skipped: {r['skipped']}")
+            continue
+        g = r["gpu_predicted_ms"]
+        print(f"{r['strategy']:10} {r['median_s']:9.3f} {100 * r['spread']:6.1f}% {r['efficiency']:6.3f} "
+              f"{r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
+              + " / ".join(f"{g[n]:.3f}" for n in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")))
+    if "tokenring" in base:
+        for other in ("ring", "allgather", "ulysses"):
+            if other in base:
+                print(f"  tokenring vs {other}: {base[other]['median_s'] / base['tokenring']['median_s']:.3f}x")
+
+
+def write_results(args, all_rows, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}"
+    doc = dict(benchmark="ringattn", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               machine=machine.strip(), label=args.label, args=vars(args), runs=all_rows)
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    day = datetime.date.today().isoformat()
+    md = path.with_name(f"{path.stem}-{day}.md")
+    lines = [f"# ring attention fwd+bwd, {day}", "", f"Machine: {doc['machine']}. {args.label}", "",
+             f"s={args.seq_len}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
+             f"causal={args.causal}, layout={args.layout}, {args.dtype}, one thread per rank, "
+             f"{args.repeats} repeats after {args.warmup} warm-up.", "",
+             "| P | strategy | median s | spread | efficiency | MB sent/rank | predicted s |", "|---|---|---|---|---|---|---|"]
+    for run in all_rows:
+        for r in run["rows"]:
+            if "median_s" in r:
+                lines.append(f"| {r['world']} | {r['strategy']} | {r['median_s']:.3f} | {100 * r['spread']:.1f}% | "
+                             f"{r['efficiency']:.3f} | {r['bytes_per_rank'] / 1e6:.2f} | {r['predicted_s']:.3f} |")
+    for run in all_rows:
+        base = {r["strategy"]: r for r in run["rows"] if "median_s" in r}
+        if "tokenring" in base:
+            ratios = ", ".join(f"{o} / tokenring = {base[o]['median_s'] / base['tokenring']['median_s']:.3f}"
+                               for o in ("ring", "allgather", "ulysses") if o in base)
+            lines.append(f"\nP={run['world']}: {ratios}; single rank {run['meta']['single_s']:.3f} s.")
+    md.write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {path} and {md}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    link_override = None
+    if args.link_profile:
+        link_override = next(iter(load_link_profiles(args.link_profile).values()))
+    all_rows = []
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+        res = run_world(args, link_override)
+        if dist.get_rank() == 0:
+            rows, meta = res
+            print_rows(args, dist.get_world_size(), rows, meta)
+            all_rows.append(dict(world=dist.get_world_size(), rows=rows, meta=meta))
+        dist.destroy_process_group()
+        if dist.is_initialized() or int(os.environ["RANK"]) != 0:
+            return
+    else:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        for world in (int(x) for x in args.world_sizes.split(",")):
+            if args.seq_len % (2 * world):
+                raise ValueError(f"--seq-len {args.seq_len} must be divisible by 2 * world size ({2 * world})")
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "res.pt")
+                mp.spawn(_spawned, args=(world, args, link_override, free_port(), out), nprocs=world)
+                rows, meta = torch.load(out, weights_only=False)
+            print_rows(args, world, rows, meta)
+            all_rows.append(dict(world=world, rows=rows, meta=meta))
+    if not args.no_write:
+        write_results(args, all_rows, Path(args.json) if args.json else RESULTS / "ringattn.json")
+
+
+if __name__ == "__main__":
+    main()

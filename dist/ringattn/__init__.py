@@ -1,0 +1,150 @@
+"""Ring attention: attention over a sequence sharded across a process group.
+
+    from dist.ringattn import ring_attention, shard, unshard, zigzag_positions
+
+    q_local = shard(q, 1, rank, world, "zigzag")            # [batch, seq / world, heads_q, dim]
+    out_local = ring_attention(q_local, k_local, v_local, causal=True, group=None,
+                               strategy="tokenring", layout="zigzag")
+    out = unshard(out_local, 1, group, "zigzag")              # == attention(q, k, v)
+
+Strategies (see strategies.py): "tokenring" (Q and partial outputs travel in opposite directions,
+KV stays), "ring" (KV ring), "allgather" (all-gather KV, reduce-scatter dK/dV), "auto" (picks one
+from the byte/time model in dist.sim, logged at debug level).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from dist import comm
+
+from .layout import LAYOUTS, block, shard, shard_positions, unshard, unshard_list, zigzag_positions
+from .strategies import STRATEGIES, RingSpec
+
+__all__ = ["ring_attention", "shard", "unshard", "unshard_list", "zigzag_positions", "shard_positions",
+           "block", "LAYOUTS", "STRATEGY_NAMES"]
+
+log = logging.getLogger(__name__)
+
+STRATEGY_NAMES = ("tokenring", "ring", "allgather", "auto")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Problems one rank can find on its own, by code; they are exchanged so every rank raises the same error.
+_LOCAL_PROBLEMS = {
+    1: "q, k and v must be 4-D tensors [batch, seq, heads, dim]",
+    2: "k and v must have the same shape",
+    3: "q and k must agree in batch, local sequence length and head_dim",
+    4: "heads of q must be a multiple of heads of k/v (GQA)",
+    5: "q, k and v must have one floating dtype",
+    6: "layout='zigzag' needs an even local sequence length (two chunks per rank); pad the global "
+       "sequence to a multiple of 2 * world size",
+    7: f"strategy must be one of {STRATEGY_NAMES}",
+    8: f"layout must be one of {LAYOUTS}",
+    9: "local sequence length must be > 0",
+}
+
+
+def _local_problem(q, k, v, strategy, layout, world) -> int:
+    if strategy not in STRATEGY_NAMES:
+        return 7
+    if layout not in LAYOUTS:
+        return 8
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
+        return 1
+    if k.shape != v.shape:
+        return 2
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        return 3
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        return 4
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return 5
+    if q.shape[1] == 0:
+        return 9
+    if layout == "zigzag" and world > 1 and q.shape[1] % 2:
+        return 6
+    return 0
+
+
+def _shape_of(t) -> list[int]:
+    return list(t.shape) if isinstance(t, torch.Tensor) and t.dim() == 4 else [-1] * 4
+
+
+def _validate(q, k, v, causal, strategy, layout, group, world, rank):
+    """Check inputs on this rank and against every other rank; the same ValueError on all ranks."""
+    code = _local_problem(q, k, v, strategy, layout, world)
+    dtype_code = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
+    strategy_code = STRATEGY_NAMES.index(strategy) if strategy in STRATEGY_NAMES else -1
+    layout_code = LAYOUTS.index(layout) if layout in LAYOUTS else -1
+    row = [code, *_shape_of(q), *_shape_of(k), dtype_code, int(bool(causal)), strategy_code, layout_code]
+    if world == 1:
+        rows = [row]
+    else:
+        device = q.device if isinstance(q, torch.Tensor) else "cpu"
+        t = torch.tensor(row, dtype=torch.int64, device=device)
+        rows = [x.tolist() for x in comm.all_gather(t, group, "meta")]
+    for r, other in enumerate(rows):
+        if other[0]:
+            detail = f" (q {tuple(other[1:5])}, k {tuple(other[5:9])})" if other[0] in (1, 2, 3, 4, 6, 9) else ""
+            extra = f", got {strategy!r}" if other[0] == 7 and r == rank else ""
+            extra += f", got {layout!r}" if other[0] == 8 and r == rank else ""
+            raise ValueError(f"ring_attention: on rank {r} of the group: {_LOCAL_PROBLEMS[other[0]]}{detail}{extra}")
+    names = ["q shape", "k/v shape", "dtype", "causal", "strategy", "layout"]
+    spans = [(1, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
+    for name, (lo, hi) in zip(names, spans):
+        values = [tuple(r[lo:hi]) for r in rows]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {i}: {v if hi - lo > 1 else v[0]}" for i, v in enumerate(values))
+            raise ValueError(f"ring_attention: every rank of the group must pass the same {name}; got {shown}")
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, group=None,
+                   strategy: str = "tokenring", layout: str = "zigzag",
+                   softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention over a sequence sharded across `group` (every rank of the group calls it).
+
+    q: [batch, local_seq, heads_q, dim]; k, v: [batch, local_seq, heads_kv, dim] (heads_q a
+    multiple of heads_kv): this rank's shard in `layout` (see `shard`). Returns out
+    [batch, local_seq, heads_q, dim], this rank's shard of attention(q, k, v) over the full
+    sequence; differentiable in q, k and v. Inputs that differ across ranks or cannot be split as
+    the layout needs raise the same ValueError on every rank.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = comm.group_rank(group)  # ValueError when this rank is not in `group`
+        world = comm.group_size(group)
+    else:
+        if group is not None:
+            raise ValueError("group: torch.distributed is not initialised")
+        world, rank = 1, 0
+    _validate(q, k, v, causal, strategy, layout, group, world, rank)
+    if strategy == "auto":
+        from dist.sim import choose_strategy
+
+        strategy = choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout,
+                                   itemsize=q.element_size(), device_type=q.device.type)
+        log.debug("ring_attention: strategy='auto' picked %r (world %d, q %s, k %s, causal=%s, layout=%s)",
+                  strategy, world, tuple(q.shape), tuple(k.shape), causal, layout)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if world == 1:  # plain attention; same code path, no messages
+        group = None
+    spec = RingSpec(group if world > 1 else None, layout, causal, scale, q.shape[1]) if world > 1 else \
+        _LocalSpec(layout, causal, scale, q.shape[1])
+    spec.split_diag = q.is_cuda  # native causal offsets (Triton): hiding the last return is free
+    return STRATEGIES[strategy].apply(q.contiguous(), k.contiguous(), v.contiguous(), spec)
+
+
+class _LocalSpec(RingSpec):
+    """A one-rank ring (no process group needed)."""
+
+    def __init__(self, layout, causal, scale, local_len):  # noqa: D107 - no super(): no group
+        self.group = None
+        self.world, self.rank = 1, 0
+        self.layout, self.causal, self.scale, self.n = layout, causal, scale, local_len
+        self.next = self.prev = 0
+        self.twin = None
+        self.split_diag = False

@@ -1,0 +1,386 @@
+"""The three ways to compute attention over a sequence sharded across a process group.
+
+Notation: P ranks in group order form the ring; rank r holds queries Q_r and keys/values KV_r of
+its shard (L local tokens, layout "zigzag" or "contiguous", see layout.py); next = r+1, prev = r-1
+(mod P). Block attention and the merge of partial results come from dist.kernels only. All
+messages go through dist.comm.Exchange, posted before the step's compute and waited after it;
+each direction between two ranks rides its own process group (the group and its twin), so
+traffic both ways over a link proceeds at once on gloo.
+
+tokenring  KV never moves. Q travels one hop per step towards prev (Q_a visits a-1, a-2, ...,
+           a+1), carrying only the query rows that its remaining holders need (with zigzag +
+           causal, half of them after the wrap). The partial (out, lse) a holder computed for Q_a in
+           the previous step goes straight back to a, so both directions of the links carry data.
+           Backward: (Q, dO, out, lse) travel the same way, dK/dV accumulate where K/V live, each
+           partial dQ goes straight back to its owner.
+ring       KV travels one hop per step towards next; in backward dK/dV accumulators (fp32) follow
+           one step behind as a second stream (tag 1) and arrive at their owner after P hops.
+allgather  all-gather KV, compute locally; backward sends each rank's dK/dV share back with one
+           all-to-all (a reduce-scatter).
+
+Each is a torch.autograd.Function: forward(q, k, v, spec) -> out, differentiable in q, k, v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist import comm
+from dist.kernels import attention_backward, attention_forward, merge_attention
+
+from .layout import block, diag_split, q_needed
+
+
+class RingSpec:
+    """What every step needs to know: group, ring position, sizes, masking."""
+
+    def __init__(self, group, layout: str, causal: bool, scale: float, local_len: int):
+        self.group = group
+        self.world = comm.group_size(group)
+        self.rank = comm.group_rank(group)
+        self.layout = layout
+        self.causal = causal
+        self.scale = scale
+        self.n = local_len
+        self.next = (self.rank + 1) % self.world
+        self.prev = (self.rank - 1) % self.world
+        self.twin = comm.twin_group(group) if self.world > 1 else None
+        self.split_diag = False  # TokenRing: split the local block to hide the last return (set for CUDA)
+
+    def block(self, a: int, b: int):
+        return block(a, b, self.n, self.layout, self.causal)
+
+    def relay_start(self, a: int, holder: int) -> int:
+        """First row of Q_a that `holder` forwards towards prev: what its remaining visitors need.
+
+        Q_a visits holder-1, holder-2, ... until it would reach a again.
+        """
+        start = self.n
+        d = (holder - 1) % self.world
+        while d != a:
+            start = min(start, q_needed(a, d, self.n, self.layout, self.causal))
+            d = (d - 1) % self.world
+        return start
+
+
+class _Acc:
+    """Running (out, lse) of this rank's queries: out fp32 [b, n, hq, d], lse fp32 [b, hq, n]."""
+
+    def __init__(self, q: torch.Tensor):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        self.lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        self.empty = True
+
+    def merge(self, start: int, block_out, block_lse) -> None:
+        """Fold in a partial result for query rows [start, start + rows) (the first full one is copied)."""
+        stop = start + block_out.shape[1]
+        if self.empty and start == 0 and stop == self.out.shape[1]:
+            self.out.copy_(block_out)
+            self.lse.copy_(block_lse)
+        else:
+            o, l = merge_attention(self.out[:, start:stop], self.lse[:, :, start:stop], block_out, block_lse)
+            self.out[:, start:stop] = o
+            self.lse[:, :, start:stop] = l
+        self.empty = False
+
+
+def _fwd_block(spec: RingSpec, q_rows, k, v, blk):
+    """q_rows: the block's query rows [b, n - q_start, hq, d]. Returns (out, lse) of the block."""
+    return attention_forward(q_rows, k[:, blk.k_start:blk.k_stop], v[:, blk.k_start:blk.k_stop],
+                             causal=blk.causal, softmax_scale=spec.scale)
+
+
+def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, dk_acc, dv_acc):
+    """Accumulates dK/dV of the block into dk_acc/dv_acc (fp32); returns dQ of the block's rows."""
+    ks, ke = blk.k_start, blk.k_stop
+    dq, dk, dv = attention_backward(dout, q_rows, k[:, ks:ke], v[:, ks:ke], out, lse,
+                                    causal=blk.causal, softmax_scale=spec.scale)
+    dk_acc[:, ks:ke] += dk
+    dv_acc[:, ks:ke] += dv
+    return dq
+
+
+# ----------------------------------------------------------------------------------------------
+# TokenRing
+
+
+def _tokenring_pass(spec: RingSpec, own: list[torch.Tensor], compute, local, result_spec, label_q: str,
+                    label_back: str, merge):
+    """The TokenRing schedule, shared by forward and backward.
+
+    own: this rank's row tensors [b, n, ...] that travel (Q, or Q/dO/out/lse). At step t >= 1 the
+    rank holds rows [held_start:] of Q_a (a = rank + t) and calls compute(a, held_start, held) ->
+    list of result row tensors for rows [block.q_start:] (or None when the mask leaves nothing);
+    they go straight back to a one step later, where merge(start, results) folds them in. The
+    local (diagonal) block is computed by local(lo, hi) for query rows [lo, hi): with
+    spec.split_diag in two parts, one while the first Q is in flight, the other while the last
+    results travel back, so no message is left exposed; else whole in step 0. (On CPU the split
+    costs more than it hides: the torch kernel runs a causal offset as two blocks and a merge,
+    about 10% more time for the diagonal, against ~1% of exposed transfer on loopback.)
+    """
+    p, r, n = spec.world, spec.rank, spec.n
+    spec_rows = comm.row_spec(own)
+    b, device = own[0].shape[0], own[0].device
+    split = diag_split(n) if p > 1 and spec.split_diag else n
+    held_a, held_start, held = r, 0, own
+    pending = None  # (owner, results) computed in the previous step, to be sent back
+    for t in range(p + 1):  # step p only returns the last results (and computes the rest of the diagonal)
+        ex = comm.Exchange(spec.group)
+        incoming = back = None
+        if t < p - 1:  # forward the held Q towards prev, receive the next one from next
+            send_start = spec.relay_start(held_a, r)
+            assert send_start >= held_start, "a relay never needs rows it did not receive"
+            if send_start < n:
+                for buf in comm.pack_rows([x[:, send_start - held_start:] for x in held]):
+                    ex.send(buf, spec.prev, label_q)
+            next_a = (r + t + 1) % p
+            recv_start = spec.relay_start(next_a, spec.next)
+            incoming = (next_a, recv_start, comm.empty_rows(spec_rows, b, n - recv_start, device))
+            for buf in incoming[2]:
+                ex.recv(buf, spec.next)
+        if pending is not None:  # results of the previous step go back to their owner
+            for buf in comm.pack_rows(pending[1]):
+                ex.send(buf, pending[0], label_back, tag=1)
+            pending = None
+        if t >= 2:  # and ours come back from the rank that held our Q in the previous step
+            holder = (r - (t - 1)) % p
+            start = q_needed(r, holder, n, spec.layout, spec.causal)
+            back = (start, comm.empty_rows(result_spec, b, n - start, device))
+            for buf in back[1]:
+                ex.recv(buf, holder, tag=1)
+        ex.start()
+
+        if t == 0:
+            local(0, split)
+        elif t < p:
+            results = compute(held_a, held_start, held)
+            pending = (held_a, results) if results is not None else None
+        elif split < n:
+            local(split, n)
+
+        ex.wait()
+        if back is not None and back[0] < n:
+            merge(back[0], comm.unpack_rows(back[1], result_spec))
+        if incoming is not None:
+            held_a, held_start = incoming[0], incoming[1]
+            held = comm.unpack_rows(incoming[2], spec_rows) if held_start < n else None
+        if p == 1:
+            break
+
+
+class TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: RingSpec):
+        acc = _Acc(q)
+        r = spec.rank
+        b, n, hq, d = q.shape
+
+        def compute(a, held_start, held):
+            blk = spec.block(a, r)
+            if blk is None:
+                return None
+            o, l = _fwd_block(spec, held[0][:, blk.q_start - held_start:], k, v, blk)
+            return [o, l.transpose(1, 2)]  # rows first for packing
+
+        def local(lo, hi):
+            ke = hi if spec.causal else n  # causal: row i < hi sees keys <= i
+            o, l = attention_forward(q[:, lo:hi], k[:, :ke], v[:, :ke], causal=spec.causal,
+                                     softmax_scale=spec.scale, causal_offset=lo)
+            acc.merge(lo, o, l)
+
+        def merge(start, results):
+            acc.merge(start, results[0], results[1].transpose(1, 2))
+
+        result_spec = [((hq, d), q.dtype), ((hq,), torch.float32)]
+        _tokenring_pass(spec, [q], compute, local, result_spec, "q", "out", merge)
+        out, lse = acc.out.to(q.dtype), acc.lse.float()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        spec = ctx.spec
+        r = spec.rank
+        b, n, hq, d = q.shape
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        dout = dout.contiguous().to(q.dtype)
+
+        def compute(a, held_start, held):
+            blk = spec.block(a, r)
+            if blk is None:
+                return None
+            s = blk.q_start - held_start
+            q_a, do_a, out_a, lse_a = (x[:, s:] for x in held)
+            dq_a = _bwd_block(spec, do_a, q_a, k, v, out_a, lse_a.transpose(1, 2), blk, dk, dv)
+            return [dq_a]
+
+        def local(lo, hi):
+            ke = hi if spec.causal else n
+            g = attention_backward(dout[:, lo:hi], q[:, lo:hi], k[:, :ke], v[:, :ke], out[:, lo:hi],
+                                   lse[:, :, lo:hi], causal=spec.causal, softmax_scale=spec.scale,
+                                   causal_offset=lo)
+            dq[:, lo:hi] += g[0]
+            dk[:, :ke] += g[1]
+            dv[:, :ke] += g[2]
+
+        def merge(start, results):
+            dq[:, start:start + results[0].shape[1]] += results[0]
+
+        result_spec = [((hq, d), q.dtype)]
+        own = [q, dout, out, lse.transpose(1, 2)]
+        _tokenring_pass(spec, own, compute, local, result_spec, "q", "dq", merge)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+# ----------------------------------------------------------------------------------------------
+# KV ring
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: RingSpec):
+        p, r = spec.world, spec.rank
+        acc = _Acc(q)
+        kv_spec = comm.row_spec([k, v])
+        held = comm.pack_rows([k, v])
+        for t in range(p):
+            ex = comm.Exchange(spec.group)
+            incoming = None
+            if t < p - 1:
+                incoming = [torch.empty_like(x) for x in held]
+                for buf, x in zip(incoming, held):
+                    ex.send(x, spec.next, "kv")
+                    ex.recv(buf, spec.prev)
+            ex.start()
+            blk = spec.block(r, (r - t) % p)
+            if blk is not None:
+                k_b, v_b = comm.unpack_rows(held, kv_spec)
+                o, l = _fwd_block(spec, q[:, blk.q_start:], k_b, v_b, blk)
+                acc.merge(blk.q_start, o, l)
+            ex.wait()
+            if incoming is not None:
+                held = incoming
+        out, lse = acc.out.to(q.dtype), acc.lse.float()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        spec = ctx.spec
+        p, r = spec.world, spec.rank
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dout = dout.contiguous().to(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv_spec = comm.row_spec([k, v])
+        dkv_spec = [(tuple(k.shape[2:]), acc), (tuple(v.shape[2:]), acc)]
+        held = comm.pack_rows([k, v])
+        sending = None  # Exchange carrying the previous step's dK/dV accumulator to next
+        for t in range(p):
+            ex = comm.Exchange(spec.group)
+            incoming = None
+            if t < p - 1:
+                incoming = [torch.empty_like(x) for x in held]
+                for buf, x in zip(incoming, held):
+                    ex.send(x, spec.next, "kv")
+                    ex.recv(buf, spec.prev)
+            acc_in = None
+            if t >= 1:  # the accumulator for the KV we hold now, from prev
+                acc_in = comm.empty_rows(dkv_spec, k.shape[0], k.shape[1], k.device)
+                for buf in acc_in:
+                    ex.recv(buf, spec.prev, tag=1)
+            ex.start()
+            k_b, v_b = comm.unpack_rows(held, kv_spec)
+            dk_b = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv_b = torch.zeros(v.shape, dtype=acc, device=k.device)
+            blk = spec.block(r, (r - t) % p)
+            if blk is not None:
+                s = blk.q_start
+                dq[:, s:] += _bwd_block(spec, dout[:, s:], q[:, s:], k_b, v_b, out[:, s:], lse[:, :, s:],
+                                        blk, dk_b, dv_b)
+            ex.wait()
+            if sending is not None:
+                sending.wait()
+            if acc_in is not None:
+                dk_in, dv_in = comm.unpack_rows(acc_in, dkv_spec)
+                dk_b += dk_in
+                dv_b += dv_in
+            sending = comm.Exchange(spec.group)
+            if p > 1:
+                for buf in comm.pack_rows([dk_b, dv_b]):
+                    sending.send(buf, spec.next, "dkv", tag=1)
+            sending.start()
+            if incoming is not None:
+                held = incoming
+        if p == 1:
+            dk, dv = dk_b, dv_b
+        else:  # our own accumulator, complete after visiting every rank
+            final = comm.empty_rows(dkv_spec, k.shape[0], k.shape[1], k.device)
+            ex = comm.Exchange(spec.group)
+            for buf in final:
+                ex.recv(buf, spec.prev, tag=1)
+            ex.start()
+            ex.wait()
+            sending.wait()
+            dk, dv = comm.unpack_rows(final, dkv_spec)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+# ----------------------------------------------------------------------------------------------
+# all-gather
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: RingSpec):
+        p, r = spec.world, spec.rank
+        acc = _Acc(q)
+        kv_spec = comm.row_spec([k, v])
+        packed = comm.pack_rows([k, v])
+        assert len(packed) == 1
+        kvs = comm.all_gather(packed[0], spec.group, "kv") if p > 1 else packed
+        for b in range(p):
+            blk = spec.block(r, b)
+            if blk is not None:
+                k_b, v_b = comm.unpack_rows([kvs[b]], kv_spec)
+                o, l = _fwd_block(spec, q[:, blk.q_start:], k_b, v_b, blk)
+                acc.merge(blk.q_start, o, l)
+        out, lse = acc.out.to(q.dtype), acc.lse.float()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        ctx.kvs = kvs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        spec, kvs = ctx.spec, ctx.kvs
+        ctx.kvs = None
+        p, r = spec.world, spec.rank
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dout = dout.contiguous().to(q.dtype)
+        kv_spec = comm.row_spec([k, v])
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dkv = torch.zeros((p, *k.shape[:2], 2 * k.shape[2] * k.shape[3]), dtype=acc, device=k.device)  # [P, b, n, 2*hkv*d]
+        for b in range(p):
+            blk = spec.block(r, b)
+            if blk is None:
+                continue
+            k_b, v_b = comm.unpack_rows([kvs[b]], kv_spec)
+            dk_b, dv_b = comm.unpack_rows([dkv[b]], [(tuple(k.shape[2:]), acc)] * 2)
+            s = blk.q_start
+            dq[:, s:] += _bwd_block(spec, dout[:, s:], q[:, s:], k_b, v_b, out[:, s:], lse[:, :, s:],
+                                    blk, dk_b, dv_b)
+        summed = (comm.all_to_all(dkv, spec.group, "dkv") if p > 1 else dkv).sum(0)
+        dk, dv = comm.unpack_rows([summed], [(tuple(k.shape[2:]), acc)] * 2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+STRATEGIES = {"tokenring": TokenRingAttention, "ring": RingAttention, "allgather": AllGatherAttention}

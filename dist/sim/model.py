@@ -1,0 +1,392 @@
+"""Performance model of sequence-parallel attention: bytes per rank and step time per strategy.
+
+The model replays each strategy's schedule step by step, rank by rank, with the same block plan
+the implementation uses (dist.ringattn.layout.block), so bytes agree with what the code sends.
+For each step and rank it takes the block flops (at a compute rate) and the bytes the rank sends
+and receives (over a link: latency per message + bytes / bandwidth, at the `duplex` fraction when
+both directions carry data). Messages posted in a step overlap that step's compute, so
+
+    step time = max over ranks of max(compute, communication);  total = sum of steps
+
+plus the exposed messages after the last step. all-gather and Ulysses do not overlap: their
+collectives add to compute. Small-block kernel inefficiency and merge costs are not modelled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from dist.ringattn.layout import block, diag_split
+
+STRATEGIES = ("tokenring", "ring", "allgather", "ulysses")
+RING_STRATEGIES = ("tokenring", "ring", "allgather")
+LSE_BYTES = 4  # lse is float32
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A link between ranks.
+
+    bandwidth_Bps: one-way bytes/s per rank; latency_s: per message; duplex: per-direction rate when
+    both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
+    alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex).
+    """
+
+    name: str
+    bandwidth_Bps: float
+    latency_s: float
+    duplex: float = 1.0
+    alltoall_Bps: float | None = None
+    source: str = ""
+
+    def transfer_s(self, sent: float, recv: float, messages: int) -> float:
+        if not sent and not recv:
+            return 0.0
+        rate = self.bandwidth_Bps * (self.duplex if sent and recv else 1.0)
+        return messages * self.latency_s + max(sent, recv) / rate
+
+    def alltoall_s(self, sent: float, messages: int) -> float:
+        rate = self.alltoall_Bps or self.bandwidth_Bps * self.duplex
+        return messages * self.latency_s + sent / rate
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """Attention kernel speed: flop/s of the forward and of the backward (backward flops = 2.5 x forward)."""
+
+    name: str
+    fwd_flops: float
+    bwd_flops: float
+    source: str = ""
+
+
+# Effective rates, derated from nominal (NVLink 4: 450 GB/s per direction per H100 SXM; PCIe Gen4/Gen5
+# x16: 32/64 GB/s per direction; InfiniBand NDR 400 Gb/s = 50 GB/s, HDR 200 Gb/s = 25 GB/s per port).
+LINK_PROFILES = {
+    p.name: p for p in [
+        LinkProfile("nvlink-h100", 370e9, 5e-6, 1.0, 330e9, "H100 SXM NVLink 4, ~82% of 450 GB/s nominal"),
+        LinkProfile("pcie-gen4", 24e9, 10e-6, 0.8, 18e9, "PCIe Gen4 x16 P2P, ~75% of 32 GB/s; bidirectional 80%"),
+        LinkProfile("pcie-gen5", 48e9, 10e-6, 0.8, 36e9, "PCIe Gen5 x16 P2P, ~75% of 64 GB/s; bidirectional 80%"),
+        LinkProfile("ib-200", 23e9, 5e-6, 1.0, 20e9, "InfiniBand HDR 200 Gb/s, one NIC per GPU"),
+        LinkProfile("ib-400", 46e9, 5e-6, 1.0, 40e9, "InfiniBand NDR 400 Gb/s, one NIC per GPU"),
+        LinkProfile("gloo-loopback", 2e9, 50e-6, 1.0, None, "rough: gloo TCP on one host's loopback; "
+                    "benchmarks/bench_ringattn.py measures it"),
+    ]
+}
+
+COMPUTE_PROFILES = {
+    p.name: p for p in [
+        ComputeProfile("h100-bf16", 350e12, 250e12, "FlashAttention-2-class kernel on H100, bf16, long blocks"),
+        ComputeProfile("cpu-1-thread", 43e9, 43e9, "torch CPU flash kernel, fp32, one thread (NOTES: 1.396 s "
+                       "for s=4096, 8 heads, d=64 causal fwd+bwd)"),
+    ]
+}
+
+
+def load_link_profiles(path) -> dict[str, LinkProfile]:
+    """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps", ...}, ...]}."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
+        raise ValueError(f"{path}: expected a JSON object with a 'profiles' list")
+    out = {}
+    for i, entry in enumerate(data["profiles"]):
+        try:
+            out[entry["name"]] = LinkProfile(
+                name=entry["name"], bandwidth_Bps=float(entry["bandwidth_Bps"]), latency_s=float(entry["latency_s"]),
+                duplex=float(entry.get("duplex", 1.0)),
+                alltoall_Bps=None if entry.get("alltoall_Bps") is None else float(entry["alltoall_Bps"]),
+                source=str(entry.get("source", "")))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: profile {i} lacks or mistypes a field: {e}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One attention call sharded over `world` ranks: local shapes as ring_attention sees them."""
+
+    batch: int
+    local_seq: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    world: int
+    causal: bool = True
+    layout: str = "zigzag"
+    itemsize: int = 2
+    split_diag: bool = True  # TokenRing splits its local block (what it does on CUDA; not on CPU)
+
+    @property
+    def acc_itemsize(self) -> int:
+        return 8 if self.itemsize == 8 else 4
+
+    def q_row(self) -> int:  # bytes of one token's queries (or out, dO, dQ)
+        return self.batch * self.heads_q * self.head_dim * self.itemsize
+
+    def kv_row(self) -> int:  # bytes of one token's K and V
+        return self.batch * 2 * self.heads_kv * self.head_dim * self.itemsize
+
+    def lse_row(self) -> int:
+        return self.batch * self.heads_q * LSE_BYTES
+
+    def block_flops(self, a: int, b: int) -> float:
+        """Forward flops of block (queries of a, keys of b); backward is 2.5 x this."""
+        blk = block(a, b, self.local_seq, self.layout, self.causal)
+        if blk is None:
+            return 0.0
+        rows, cols = self.local_seq - blk.q_start, blk.k_stop - blk.k_start
+        pairs = rows * (rows + 1) / 2 if blk.causal else rows * cols
+        return 4.0 * self.batch * self.heads_q * self.head_dim * pairs
+
+
+    def diag_rows_flops(self, lo: int, hi: int) -> float:
+        """Forward flops of query rows [lo, hi) of a rank's own (diagonal) block."""
+        n = self.local_seq
+        pairs = (hi * (hi + 1) - lo * (lo + 1)) / 2 if self.causal else (hi - lo) * n
+        return 4.0 * self.batch * self.heads_q * self.head_dim * pairs
+
+
+@dataclass
+class Step:
+    """One step of a schedule: per-rank flops (forward-equivalent x factor), bytes sent/received, messages."""
+
+    flops: list = field(default_factory=list)
+    sent: list = field(default_factory=list)
+    recv: list = field(default_factory=list)
+    messages: list = field(default_factory=list)
+    overlapped: bool = True  # False: a collective that neither overlaps nor is overlapped
+
+
+def _new_step(p: int) -> Step:
+    return Step([0.0] * p, [0] * p, [0] * p, [0] * p)
+
+
+def _send(step: Step, src: int, dst: int, nbytes: int) -> None:
+    if nbytes:
+        step.sent[src] += nbytes
+        step.recv[dst] += nbytes
+        step.messages[src] += 1
+
+
+def _relay_start(w: Workload, a: int, holder: int) -> int:
+    start, d = w.local_seq, (holder - 1) % w.world
+    while d != a:
+        blk = block(a, d, w.local_seq, w.layout, w.causal)
+        start = min(start, w.local_seq if blk is None else blk.q_start)
+        d = (d - 1) % w.world
+    return start
+
+
+def _rows_needed(w: Workload, a: int, b: int) -> int:
+    blk = block(a, b, w.local_seq, w.layout, w.causal)
+    return 0 if blk is None else w.local_seq - blk.q_start
+
+
+def _tokenring(w: Workload, backward: bool) -> list[Step]:
+    """Steps 0..p: the diagonal's first part, p-1 remote blocks, the last returns with the diagonal's rest."""
+    p, n = w.world, w.local_seq
+    travel = (3 * w.q_row() + w.lse_row()) if backward else w.q_row()   # per query row that travels
+    back = w.q_row() if backward else w.q_row() + w.lse_row()           # per row of a returned result
+    factor = 2.5 if backward else 1.0
+    split = diag_split(n) if p > 1 and w.split_diag else n
+    steps = []
+    for t in range(p + 1 if p > 1 else 1):
+        s = _new_step(p)
+        for r in range(p):
+            a = (r + t) % p
+            if t == 0:
+                s.flops[r] = factor * w.diag_rows_flops(0, split)
+            elif t < p:
+                s.flops[r] = factor * w.block_flops(a, r)
+            else:
+                s.flops[r] = factor * w.diag_rows_flops(split, n)
+            if t < p - 1:
+                _send(s, r, (r - 1) % p, (n - _relay_start(w, a, r)) * travel)
+            if t >= 2:  # results of step t-1 go back to their owner
+                _send(s, r, (r + t - 1) % p, _rows_needed(w, (r + t - 1) % p, r) * back)
+        steps.append(s)
+    return steps
+
+
+def _ring(w: Workload, backward: bool) -> list[Step]:
+    p, n = w.world, w.local_seq
+    factor = 2.5 if backward else 1.0
+    dkv = n * w.kv_row() // w.itemsize * w.acc_itemsize
+    steps = []
+    for t in range(p):
+        s = _new_step(p)
+        for r in range(p):
+            s.flops[r] = factor * w.block_flops(r, (r - t) % p)
+            if t < p - 1:
+                _send(s, r, (r + 1) % p, n * w.kv_row())
+            if backward and t >= 1:  # the dK/dV accumulator of the previous step
+                _send(s, r, (r + 1) % p, dkv)
+        steps.append(s)
+    if backward and p > 1:
+        s = _new_step(p)
+        for r in range(p):
+            _send(s, r, (r + 1) % p, dkv)
+        steps.append(s)
+    return steps
+
+
+def _allgather(w: Workload, backward: bool) -> list[Step]:
+    p, n = w.world, w.local_seq
+    size = n * w.kv_row() if not backward else n * w.kv_row() // w.itemsize * w.acc_itemsize
+    coll = _new_step(p)
+    coll.overlapped = False
+    for r in range(p):
+        coll.sent[r] = coll.recv[r] = (p - 1) * size
+        coll.messages[r] = p - 1
+    comp = _new_step(p)
+    for r in range(p):
+        comp.flops[r] = (2.5 if backward else 1.0) * sum(w.block_flops(r, b) for b in range(p))
+    steps = [comp, coll] if backward else [coll, comp]
+    return steps if p > 1 else [comp]
+
+
+def _ulysses(w: Workload, backward: bool) -> list[Step]:
+    p, n = w.world, w.local_seq
+    share = (p - 1) / p
+    if not backward:
+        first = n * (w.q_row() + w.kv_row()) * share   # q, k, v scatter heads / gather sequence
+        last = n * w.q_row() * share                     # out back
+    else:
+        first = n * w.q_row() * share                    # dout
+        last = n * (w.q_row() + w.kv_row()) * share      # dq, dk, dv
+    total_flops = sum(w.block_flops(a, b) for a in range(p) for b in range(p)) / p * (2.5 if backward else 1.0)
+    steps = []
+    for nbytes, flops in ((first, 0.0), (0, total_flops), (last, 0.0)):
+        s = _new_step(p)
+        s.overlapped = nbytes == 0
+        for r in range(p):
+            s.flops[r] = flops
+            s.sent[r] = s.recv[r] = int(nbytes) if p > 1 else 0
+            s.messages[r] = 3 * (p - 1) if nbytes and p > 1 else 0
+        steps.append(s)
+    return steps
+
+
+_SCHEDULES = {"tokenring": _tokenring, "ring": _ring, "allgather": _allgather, "ulysses": _ulysses}
+
+
+def schedule(strategy: str, w: Workload, backward: bool = False) -> list[Step]:
+    if strategy not in _SCHEDULES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return _SCHEDULES[strategy](w, backward)
+
+
+def bytes_per_rank(strategy: str, w: Workload, backward: bool | None = None) -> list[int]:
+    """Bytes each rank sends (forward, backward, or both when backward is None)."""
+    passes = (False, True) if backward is None else (backward,)
+    out = [0] * w.world
+    for bw in passes:
+        for s in schedule(strategy, w, bw):
+            for r in range(w.world):
+                out[r] += s.sent[r]
+    return out
+
+
+@dataclass
+class Prediction:
+    strategy: str
+    fwd_s: float
+    bwd_s: float
+    compute_s: float          # the same schedule with free communication
+    bytes_per_rank: int       # max over ranks, forward + backward
+
+    @property
+    def total_s(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+    @property
+    def overhead(self) -> float:
+        """total / compute-only - 1."""
+        return self.total_s / self.compute_s - 1.0 if self.compute_s else 0.0
+
+
+def _time(steps: list[Step], link: LinkProfile, rate: float) -> tuple[float, float]:
+    total = compute = 0.0
+    for s in steps:
+        comp = max(f / rate for f in s.flops)
+        if s.overlapped:
+            comm = max(link.transfer_s(s.sent[r], s.recv[r], s.messages[r]) for r in range(len(s.flops)))
+            total += max(comp, comm)
+        else:
+            total += comp + max(link.alltoall_s(s.sent[r], s.messages[r]) for r in range(len(s.flops)))
+        compute += comp
+    return total, compute
+
+
+def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfile) -> Prediction:
+    """Modelled forward + backward time of one attention call on every rank."""
+    fwd, cf = _time(schedule(strategy, w, False), link, compute.fwd_flops)
+    bwd, cb = _time(schedule(strategy, w, True), link, compute.bwd_flops)
+    return Prediction(strategy, fwd, bwd, cf + cb, max(bytes_per_rank(strategy, w)))
+
+
+def default_link(device_type: str = "cpu") -> LinkProfile:
+    """$DIST_LINK_PROFILE (a built-in name) if set, else nvlink-h100 for CUDA and gloo-loopback for CPU."""
+    import os
+
+    name = os.environ.get("DIST_LINK_PROFILE") or ("nvlink-h100" if device_type == "cuda" else "gloo-loopback")
+    if name not in LINK_PROFILES:
+        raise ValueError(f"DIST_LINK_PROFILE must be one of {sorted(LINK_PROFILES)}, got {name!r}")
+    return LINK_PROFILES[name]
+
+
+def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout: str = "zigzag",
+                    itemsize: int = 4, device_type: str = "cpu", link: LinkProfile | None = None,
+                    compute: ComputeProfile | None = None) -> str:
+    """The ring strategy with the lowest modelled time (ties: fewest bytes, then tokenring first).
+
+    q_shape: [batch, local_seq, heads_q, dim]; k_shape: [batch, local_seq, heads_kv, dim].
+    link: default_link(device_type); compute: h100-bf16 for CUDA, cpu-1-thread otherwise.
+    """
+    if world == 1:
+        return "tokenring"
+    link = link or default_link(device_type)
+    compute = compute or COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
+    w = Workload(q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], world, causal, layout, itemsize,
+                 split_diag=device_type == "cuda")
+    preds = [predict(s, w, link, compute) for s in RING_STRATEGIES]
+    best = min(preds, key=lambda p: (round(p.total_s, 9), p.bytes_per_rank))
+    return best.strategy
+
+
+def where_each_wins(links=None, compute: ComputeProfile | None = None, worlds=(2, 4, 8),
+                    tokens_per_rank=(4096, 32768, 131072), gqa=(1, 8), heads_q: int = 32,
+                    head_dim: int = 128, itemsize: int = 2) -> list[dict]:
+    """Model every strategy over a grid; one row per case with times, the winner and its margin."""
+    links = links or [LINK_PROFILES[n] for n in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")]
+    compute = compute or COMPUTE_PROFILES["h100-bf16"]
+    rows = []
+    for link in links:
+        for p in worlds:
+            for n in tokens_per_rank:
+                for g in gqa:
+                    w = Workload(1, n, heads_q, heads_q // g, head_dim, p, True, "zigzag", itemsize)
+                    preds = {s: predict(s, w, link, compute) for s in STRATEGIES}
+                    best = min(preds.values(), key=lambda x: x.total_s)
+                    rows.append({
+                        "link": link.name, "world": p, "tokens_per_rank": n, "gqa": g,
+                        **{f"{s}_ms": preds[s].total_s * 1e3 for s in STRATEGIES},
+                        "compute_ms": preds["tokenring"].compute_s * 1e3,
+                        "tokenring_overhead": preds["tokenring"].overhead,
+                        "tokenring_vs_ring": preds["ring"].total_s / preds["tokenring"].total_s,
+                        "best": best.strategy,
+                    })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| link | P | tokens/GPU | GQA | tokenring ms | ring ms | allgather ms | ulysses ms | compute ms "
+            "| TR overhead | ring/TR | best |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['link']} | {r['world']} | {r['tokens_per_rank']} | {r['gqa']} | {r['tokenring_ms']:.2f} "
+                     f"| {r['ring_ms']:.2f} | {r['allgather_ms']:.2f} | {r['ulysses_ms']:.2f} | {r['compute_ms']:.2f} "
+                     f"| {100 * r['tokenring_overhead']:.1f}% | {r['tokenring_vs_ring']:.2f} | {r['best']} |")
+    return "\n".join(lines)
