@@ -1,0 +1,5 @@
+import sys
+
+from .testbed import main
+
+sys.exit(main())

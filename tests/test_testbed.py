@@ -1,0 +1,172 @@
+"""The namespace testbed: shaped bandwidth, a torchrun job across hosts, clean teardown.
+
+Needs root and iproute2 (`ip`, `tc` with tbf); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dist.sim import load_link_profiles
+
+from benchmarks import bench_links
+from benchmarks.testbed import Testbed, TestbedError, check_prerequisites, list_namespaces, parse_rate, teardown
+from benchmarks.testbed import testbed as testbed_mod
+
+PREFIX = "dtbtest-"  # not the CLI's default, so a testbed someone built by hand survives the tests
+
+
+def _skip_reason() -> str | None:
+    try:
+        check_prerequisites()
+    except TestbedError as e:
+        return str(e)
+    probe = f"{PREFIX}probe"
+    proc = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"cannot create a network namespace: {proc.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+SKIP = _skip_reason()
+needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"testbed unavailable: {SKIP}")
+
+
+def _tc_sent_bytes(ns: str, dev: str) -> int:
+    out = subprocess.run(["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev],
+                         capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"Sent (\d+) bytes", out).group(1))
+
+
+_ALL_REDUCE = textwrap.dedent("""
+    import os, torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.full((1 << 18,), float(dist.get_rank() + 1))   # 1 MiB, so the link sees it
+    dist.all_reduce(t)
+    print(f"RESULT rank={dist.get_rank()} world={dist.get_world_size()} "
+          f"local={os.environ['LOCAL_RANK']} ifname={os.environ['GLOO_SOCKET_IFNAME']} "
+          f"min={t.min().item()} max={t.max().item()}", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_parse_and_validation():
+    assert parse_rate("200mbit") == 200e6
+    assert parse_rate("1gbit") == 1e9
+    assert parse_rate("10mbps") == 80e6
+    assert parse_rate(5e8) == 5e8
+    with pytest.raises(ValueError, match="rate"):
+        parse_rate("fast")
+    with pytest.raises(ValueError, match="hosts"):
+        Testbed(hosts=0)
+    with pytest.raises(ValueError, match="topology"):
+        Testbed(hosts=2, topology="ring")
+    with pytest.raises(ValueError, match="rate"):
+        Testbed(hosts=3, rate=["1gbit", "2gbit"])
+    with pytest.raises(ValueError, match="subnet"):
+        Testbed(hosts=2, subnet="8.8")
+    # default burst: 1 ms at the rate, never below 32 KiB
+    tb = Testbed(hosts=2, rate="1gbit")
+    assert tb._burst_bytes(1e9) == 1e9 / 8 / 1000
+    assert tb._burst_bytes(1e6) == 32 * 1024
+
+
+def test_not_root_message(monkeypatch):
+    monkeypatch.setattr(testbed_mod.os, "geteuid", lambda: 1000)
+    with pytest.raises(TestbedError, match="needs root"):
+        check_prerequisites()
+    monkeypatch.setattr(testbed_mod.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(testbed_mod.shutil, "which", lambda tool: None if tool == "tc" else "/x/" + tool)
+    with pytest.raises(TestbedError, match="tc"):
+        check_prerequisites()
+
+
+@needs_netns
+@pytest.mark.timeout(90)
+def test_two_hosts_shaped_link_and_torchrun(tmp_path):
+    teardown(PREFIX)
+    rate = 200e6
+    with Testbed(hosts=2, rate="200mbit", prefix=PREFIX) as tb:
+        assert list_namespaces(PREFIX) == [f"{PREFIX}br", f"{PREFIX}h0", f"{PREFIX}h1"]
+        # Plain TCP, each direction. The shaper counts Ethernet frames, so the TCP payload
+        # rate is ~96% of the setting; 20% is the accepted band.
+        for src, dst in ((0, 1), (1, 0)):
+            bps = tb.tcp_throughput(src, dst, seconds=1.0, port=5301)
+            assert 0.8 * rate <= bps <= 1.2 * rate, (src, dst, bps)
+        # gloo all_reduce over 2 hosts x 2 ranks through torchrun.
+        script = tmp_path / "all_reduce.py"
+        script.write_text(_ALL_REDUCE)
+        sent_before = [_tc_sent_bytes(tb.ns(h), "eth0") for h in range(2)]
+        results = tb.run([str(script)], nproc_per_node=2, timeout_s=60, master_port=29611)
+        for r in results:
+            assert r.returncode == 0 and not r.timed_out, r.output[-3000:]
+        lines = [ln for r in results for ln in r.output.splitlines() if ln.startswith("RESULT")]
+        ranks = sorted(int(re.search(r"rank=(\d+)", ln).group(1)) for ln in lines)
+        assert ranks == [0, 1, 2, 3]
+        for ln in lines:
+            assert "world=4" in ln and "ifname=eth0" in ln
+            assert "min=10.0" in ln and "max=10.0" in ln  # 1 + 2 + 3 + 4
+        # rank r runs on host r // 2 (node rank i holds ranks 2i, 2i+1)
+        for r in results:
+            host_ranks = sorted(int(re.search(r"rank=(\d+)", ln).group(1))
+                                for ln in r.output.splitlines() if ln.startswith("RESULT"))
+            assert host_ranks == [2 * r.host, 2 * r.host + 1]
+        # the all-reduce's 1 MiB tensors crossed each host's shaped NIC
+        sent_after = [_tc_sent_bytes(tb.ns(h), "eth0") for h in range(2)]
+        assert all(a - b > (1 << 20) // 2 for a, b in zip(sent_after, sent_before)), (sent_before, sent_after)
+        # the link probe across the same testbed writes profiles dist.sim reads, near the setting
+        links = tmp_path / "links.json"
+        bench_links.probe_testbed(tb, ["--bytes", str(2 << 20), "--repeats", "3", "--json", str(links)],
+                                  timeout_s=60, master_port=29612)
+        prof = load_link_profiles(str(links))["testbed-switch-200mbit-p2"]
+        assert 0.8 * rate / 8 <= prof.bandwidth_Bps <= 1.2 * rate / 8, prof
+        # full duplex with one gloo group per direction (a half-duplex link would give 0.5;
+        # CPU contention on a busy 2-core machine costs some)
+        assert prof.duplex >= 0.65, prof
+        assert 0 < prof.latency_s < 0.01, prof
+        patterns = {r["pattern"] for r in json.loads(links.read_text())["measurements"]}
+        assert patterns == {"send", "shift", "exchange", "alltoall", "shift_1g"}
+        # a stray process left inside (as after a crash) must not stop teardown
+        subprocess.Popen(tb.exec_argv(0, [sys.executable, "-c", "import time; time.sleep(300)"]),
+                         start_new_session=True)
+    assert list_namespaces(PREFIX) == []
+    assert not os.path.exists(testbed_mod._state_path(PREFIX))
+    assert teardown(PREFIX) == []  # idempotent
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_mesh_routes_each_pair_over_its_own_link():
+    teardown(PREFIX)
+    rate = 200e6
+    with Testbed(hosts=3, rate="200mbit", topology="mesh", prefix=PREFIX) as tb:
+        before = {dev: _tc_sent_bytes(tb.ns(0), dev) for dev in ("to1", "to2")}
+        bps = tb.tcp_throughput(0, 2, seconds=1.0, port=5302)
+        assert 0.8 * rate <= bps <= 1.2 * rate, bps
+        sent = {dev: _tc_sent_bytes(tb.ns(0), dev) - before[dev] for dev in ("to1", "to2")}
+        assert sent["to2"] > 0.8 * rate / 8 * 0.9 and sent["to1"] < 100_000, sent
+    assert list_namespaces(PREFIX) == []
+
+
+@pytest.mark.timeout(120)
+def test_link_probe_on_loopback(tmp_path):
+    """bench_links without a testbed (no root needed): torchrun on loopback, 2 ranks."""
+    out = tmp_path / "links.json"
+    cmd = [sys.executable, bench_links.__file__, "--world-size", "2", "--bytes", str(1 << 16), "--repeats", "2",
+           "--json", str(out), "--timeout", "100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prof = load_link_profiles(str(out))["loopback-p2"]
+    assert prof.bandwidth_Bps > 0 and prof.latency_s > 0 and 0 < prof.duplex <= 1 and prof.alltoall_Bps > 0
+    doc = json.loads(out.read_text())
+    assert doc["profiles"][0]["group_size"] == 2
+    assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "shift_1g"}
+    assert out.with_suffix(".md").exists()
