@@ -174,6 +174,8 @@ def run_world(args, link_override):
     fwd_flops = full.block_flops(0, 0)
     cpu = ComputeProfile("measured-cpu", fwd_flops / t1_fwd, 2.5 * fwd_flops / max(t1 - t1_fwd, 1e-9),
                          "single-rank kernel time measured in this run")
+    if not q.is_cuda:  # every rank of this run shares this machine's cores (loopback or testbed)
+        cpu = cpu.shared(world, os.cpu_count() or 1)
     rows = []
     for strategy in args.strategies.split(","):
         if strategy in skipped:

@@ -79,3 +79,12 @@ def test_where_each_wins_report(capsys):
     main(["--worlds", "2", "--tokens", "4096"])
     out = capsys.readouterr().out
     assert "nvlink-h100" in out and "best" in out
+
+
+def test_compute_shared_by_ranks_on_fewer_cores():
+    from dist.sim import COMPUTE_PROFILES
+
+    cpu = COMPUTE_PROFILES["cpu-1-thread"]
+    assert cpu.shared(2, 2) is cpu
+    half = cpu.shared(4, 2)
+    assert half.fwd_flops == cpu.fwd_flops / 2 and half.bwd_flops == cpu.bwd_flops / 2

@@ -60,6 +60,15 @@ class ComputeProfile:
     bwd_flops: float
     source: str = ""
 
+    def shared(self, ranks: int, cores: int) -> "ComputeProfile":
+        """The rate each of `ranks` single-threaded ranks gets when they share `cores` cores (the
+        testbed's "hosts" all run on one machine): scaled by min(1, cores / ranks)."""
+        f = min(1.0, cores / max(1, ranks))
+        if f == 1.0:
+            return self
+        return ComputeProfile(self.name, self.fwd_flops * f, self.bwd_flops * f,
+                              f"{self.source}; {ranks} ranks share {cores} cores")
+
 
 # Effective rates, derated from nominal (NVLink 4: 450 GB/s per direction per H100 SXM; PCIe Gen4/Gen5
 # x16: 32/64 GB/s per direction; InfiniBand NDR 400 Gb/s = 50 GB/s, HDR 200 Gb/s = 25 GB/s per port).
