@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
-from dist.ringattn import ring_attention, shard  # noqa: E402
+from dist.ringattn import diag_tail, ring_attention, shard  # noqa: E402
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
                       bytes_per_rank, load_link_profiles, predict)
 
@@ -166,7 +166,7 @@ def run_world(args, link_override):
                 times[name].append(dt)
     t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
     w = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
-                 args.causal, args.layout, q.element_size(), split_diag=q.is_cuda)
+                 args.causal, args.layout, q.element_size(), diag_tail=diag_tail(q.device.type))
     w_gpu = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
                      args.causal, args.layout, 2)
     full = Workload(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, 1, args.causal,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist.kernels import attention, attention_backward, attention_forward, merge_attention, merge_attention_splits
+from dist.kernels import (attention, attention_backward, attention_delta, attention_forward, merge_attention,
+                          merge_attention_splits)
 from tests.test_kernels_reference import ref_attention, ref_varlen
 
 BACKENDS = ["torch", "math"]
@@ -88,9 +89,11 @@ def test_bfloat16(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1)])
-def test_ring_blocks_with_global_out_lse(backend, hq, hkv):
+@pytest.mark.parametrize("use_delta", [False, True])
+def test_ring_blocks_with_global_out_lse(backend, hq, hkv, use_delta):
     """A causal sequence split into 3 key blocks (ring steps): per-block forward with offsets merged
-    by merge_attention, then per-block backward given the GLOBAL out/lse, equals full attention."""
+    by merge_attention, then per-block backward given the GLOBAL out/lse (or lse and
+    D = rowsum(dout * out) instead of out), equals full attention."""
     torch.manual_seed(3 + hq + hkv)
     s, d = 24, 16
     q, k, v = _qkv(2, s, s, hq, hkv, d)
@@ -108,11 +111,13 @@ def test_ring_blocks_with_global_out_lse(backend, hq, hkv):
     _close(lse, ref_lse[:, :, q_rows], 2e-5)
 
     dout = _rand(*qc.shape)
+    dout[0, 3, 1] = 0.0  # a row and head with no gradient: D = 0 there
+    delta = attention_delta(dout, out) if use_delta else None
     dq = torch.zeros_like(qc)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     for k0, k1 in bounds:
-        gq, gk, gv = attention_backward(dout, qc, k[:, k0:k1], v[:, k0:k1], out, lse, causal=True,
-                                        causal_offset=8 - k0, backend=backend)
+        gq, gk, gv = attention_backward(dout, qc, k[:, k0:k1], v[:, k0:k1], None if use_delta else out, lse,
+                                        delta=delta, causal=True, causal_offset=8 - k0, backend=backend)
         assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
         dq += gq
         dk[:, k0:k1] += gk
@@ -221,6 +226,8 @@ def test_bad_input_raises_value_error_naming_argument():
         (lambda: attention_backward(q[:, :4], q, k, v, q, torch.zeros(1, 4, 8)), "dout"),
         (lambda: attention_backward(q, q, k, v, q[:, :4], torch.zeros(1, 4, 8)), "out"),
         (lambda: attention_backward(q, q, k, v, q, torch.zeros(1, 8, 4)), "lse"),
+        (lambda: attention_backward(q, q, k, v, None, torch.zeros(1, 4, 8)), "out must be given"),
+        (lambda: attention_backward(q, q, k, v, None, torch.zeros(1, 4, 8), delta=torch.zeros(1, 8, 4)), "delta"),
         (lambda: merge_attention(q, torch.zeros(1, 4, 8), q[:, :4], torch.zeros(1, 4, 4)), "block_out"),
         (lambda: merge_attention(q, torch.zeros(1, 4, 8), q, torch.zeros(1, 4, 7)), "block_lse"),
     ]

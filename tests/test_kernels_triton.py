@@ -22,7 +22,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import triton.language as tl  # noqa: E402
 
-from dist.kernels import attention, attention_backward, attention_forward, merge_attention  # noqa: E402
+from dist.kernels import (attention, attention_backward, attention_delta, attention_forward,  # noqa: E402
+                          merge_attention)
 from dist.kernels import triton_attention, triton_decode  # noqa: E402, F401
 from tests.test_kernels_reference import ref_attention, ref_varlen  # noqa: E402
 
@@ -153,9 +154,11 @@ def test_triton_ring_blocks_with_global_out_lse():
     ref_out, _ = ref_attention(qr, kr, vr, causal=True)
     _close(out, ref_out[:, rows], 2e-5)
     dout = torch.randn_like(qc)
+    delta = attention_delta(dout, out)  # the middle block gets D = rowsum(dout * out) instead of out
     dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(k), torch.zeros_like(v)
-    for k0, k1 in bounds:
-        gq, gk, gv = attention_backward(dout, qc, k[:, k0:k1], v[:, k0:k1], out, lse, causal=True,
+    for i, (k0, k1) in enumerate(bounds):
+        gq, gk, gv = attention_backward(dout, qc, k[:, k0:k1], v[:, k0:k1], None if i == 1 else out, lse,
+                                        delta=delta if i == 1 else None, causal=True,
                                         causal_offset=16 - k0, backend="triton")
         dq += gq
         dk[:, k0:k1] += gk

@@ -35,7 +35,7 @@ def tokenring_zigzag_causal_bytes(rank, world, n, q_row, lse_row):
     relayed = sum(need((rank + t) % world, (rank - 1) % world) for t in range(world - 1))
     returned = sum(need(a, rank) for a in range(world) if a != rank)
     fwd = relayed * q_row + returned * (q_row + lse_row)            # Q out; (out, lse) back
-    bwd = relayed * (3 * q_row + lse_row) + returned * q_row        # (Q, dO, out, lse) out; dQ back
+    bwd = relayed * (2 * q_row + 2 * lse_row) + returned * q_row    # (Q, dO, lse, D) out; dQ back
     return fwd, bwd
 
 

@@ -60,3 +60,22 @@ def test_blocks_cover_exactly_the_mask(layout, causal, world):
     if causal:
         expected = expected.tril()
     assert torch.equal(covered, expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tail", [0.0, 0.125, 0.5, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 8, 9])
+def test_diag_parts_cover_the_local_block_once(n, tail, causal):
+    """The parts of a rank's own block, each top-left causal (offset 0) or unmasked, cover its mask once."""
+    from dist.ringattn import diag_parts
+
+    covered = torch.zeros(n, n, dtype=torch.int64)
+    parts = diag_parts(n, causal, tail)
+    assert len(parts) == (2 if 0 < n - round(tail * n) < n else 1)
+    for q0, k0, k1 in parts:
+        for i in range(q0, n):
+            for j in range(k0, k1):
+                if not causal or j - k0 <= i - q0:  # top-left causal relative to the part's corner
+                    covered[i, j] += 1
+    expected = torch.ones(n, n, dtype=torch.int64)
+    assert torch.equal(covered, expected.tril() if causal else expected)

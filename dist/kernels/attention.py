@@ -305,16 +305,27 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, causal_offset
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=True, softmax_scale=None, causal_offset=0,
-                       cu_seqlens_q=None, cu_seqlens_k=None, backend="auto"):
+                       cu_seqlens_q=None, cu_seqlens_k=None, backend="auto", delta=None):
     """Gradients of attention given its output and lse (which may be the global, merged ones of a ring).
 
     dout, out: [batch, seq_q, heads_q, dim]; lse float32 [batch, heads_q, seq_q].
     P = exp(S * scale - lse), D = rowsum(dout * out); rows with lse = -inf contribute nothing.
+    delta: optional D itself, float32 [batch, heads_q, seq_q] (see `attention_delta`); when given,
+    `out` is not needed and may be None (a ring then sends D instead of out: 1 value per row and
+    head instead of dim).
     Returns dq like q, dk / dv like k / v (summed over each GQA group).
     """
     _check_qkv(q, k, v)
     _check_scalars(causal_offset, backend)
-    for name, t in (("dout", dout), ("out", out)):
+    expected = (q.shape[0], q.shape[2], q.shape[1])
+    if delta is not None:
+        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != expected:
+            raise ValueError(f"delta must have shape [batch, heads_q, seq_q] = {expected}")
+        if delta.dtype not in (torch.float32, torch.float64) or delta.device != q.device:
+            raise ValueError(f"delta must be float32 on {q.device}, got {delta.dtype} on {delta.device}")
+    elif out is None:
+        raise ValueError("out must be given unless delta is")
+    for name, t in [("dout", dout)] + ([("out", out)] if out is not None else []):
         if not isinstance(t, torch.Tensor) or t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
@@ -322,7 +333,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, softmax_scale=No
             raise ValueError(f"{name} device {t.device} != q device {q.device}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
-    expected = (q.shape[0], q.shape[2], q.shape[1])
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected:
         raise ValueError(f"lse must have shape [batch, heads_q, seq_q] = {expected}")
     if lse.dtype not in (torch.float32, torch.float64) or lse.device != q.device:
@@ -333,7 +343,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, softmax_scale=No
     if backend == "triton":
         from .triton_attention import triton_backward
         return triton_backward(dout, q, k, v, out, lse.float(), scale, causal, causal_offset,
-                               cu_seqlens_q, cu_seqlens_k, varlen)
+                               cu_seqlens_q, cu_seqlens_k, varlen, delta=delta)
+    if delta is not None:  # these kernels derive D from out themselves
+        out = _out_for_delta(dout, delta)
     use_flash = backend == "torch" and _flash_cpu_ok(q)
     if varlen is None:
         return _torch_bwd_dense(dout, q, k, v, out, lse, scale, causal, causal_offset, use_flash)
@@ -345,6 +357,27 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, softmax_scale=No
             dout[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1], scale, causal,
             causal_offset, use_flash)
     return dq, dk, dv
+
+
+def attention_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """D = rowsum(dout * out): dout, out [batch, seq, heads, dim] -> float32 [batch, heads, seq]
+    (float64 for float64), what `attention_backward(..., delta=D)` takes instead of out."""
+    acc = torch.float64 if torch.float64 in (dout.dtype, out.dtype) else torch.float32
+    return torch.linalg.vecdot(dout.to(acc), out.to(acc)).transpose(1, 2)
+
+
+def _out_for_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A stand-in for out with rowsum(dout * out) = delta, for kernels that take out rather than D.
+
+    It is the projection of out onto dout (dout * D / |dout|^2 per row and head; 0 where dout is 0,
+    where D is 0 too): D is all that out is used for in the backward. [batch, seq, heads, dim], dout.dtype.
+    """
+    acc = torch.float64 if torch.float64 in (dout.dtype, delta.dtype) else torch.float32
+    d = dout.to(acc)
+    norm2 = torch.linalg.vecdot(d, d)  # [batch, seq, heads]
+    scale = delta.to(acc).transpose(1, 2) / norm2
+    scale = scale.masked_fill(norm2 == 0, 0.0)
+    return (d * scale.unsqueeze(-1)).to(dout.dtype)
 
 
 class _Attention(torch.autograd.Function):

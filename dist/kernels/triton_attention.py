@@ -378,9 +378,11 @@ def triton_forward(q, k, v, scale, causal, offset, cu_seqlens_q, cu_seqlens_k, v
     return out, lse
 
 
-def triton_backward(dout, q, k, v, out, lse, scale, causal, offset, cu_seqlens_q, cu_seqlens_k, varlen):
-    """-> dq like q, dk like k, dv like v (dk/dv summed over each GQA group)."""
-    q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
+def triton_backward(dout, q, k, v, out, lse, scale, causal, offset, cu_seqlens_q, cu_seqlens_k, varlen,
+                    delta=None):
+    """-> dq like q, dk like k, dv like v (dk/dv summed over each GQA group). delta: D = rowsum(dout * out)
+    float32 [batch, heads_q, seq_q] if known (then out is not read and may be None)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     dout = _last_dim_contiguous(dout)
     lse = lse.contiguous()
     batch, seq_q, seq_k, heads_q, heads_kv, dim, n_docs, max_q, max_k, block_d, prec = _common(q, k, varlen)
@@ -390,10 +392,14 @@ def triton_backward(dout, q, k, v, out, lse, scale, causal, offset, cu_seqlens_q
     if seq_q == 0 or seq_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_m, block_n, warps, stages = _config(q)["bwd"]
-    delta = _empty((batch, heads_q, seq_q), torch.float32, q.device)
-    _bwd_preprocess[(triton.cdiv(seq_q, block_m), batch * heads_q)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-        dout.stride(2), seq_q, heads_q, dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+    if delta is not None:
+        delta = delta.to(torch.float32).contiguous()
+    else:
+        out = _last_dim_contiguous(out)
+        delta = _empty((batch, heads_q, seq_q), torch.float32, q.device)
+        _bwd_preprocess[(triton.cdiv(seq_q, block_m), batch * heads_q)](
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), seq_q, heads_q, dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     cu_q, cu_k = _cu(cu_seqlens_q, lse), _cu(cu_seqlens_k, lse)
     group = heads_q // heads_kv
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -21,11 +21,12 @@ import torch
 
 from dist import comm
 
-from .layout import LAYOUTS, block, shard, shard_positions, unshard, unshard_list, zigzag_positions
+from .layout import (LAYOUTS, block, diag_parts, diag_tail, shard, shard_positions, unshard, unshard_list,
+                     zigzag_positions)
 from .strategies import STRATEGIES, RingSpec
 
 __all__ = ["ring_attention", "shard", "unshard", "unshard_list", "zigzag_positions", "shard_positions",
-           "block", "LAYOUTS", "STRATEGY_NAMES"]
+           "block", "diag_parts", "diag_tail", "LAYOUTS", "STRATEGY_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         group = None
     spec = RingSpec(group if world > 1 else None, layout, causal, scale, q.shape[1]) if world > 1 else \
         _LocalSpec(layout, causal, scale, q.shape[1])
-    spec.split_diag = q.is_cuda  # native causal offsets (Triton): hiding the last return is free
+    spec.diag_tail = diag_tail(q.device.type)
     return STRATEGIES[strategy].apply(q.contiguous(), k.contiguous(), v.contiguous(), spec)
 
 
@@ -147,4 +148,4 @@ class _LocalSpec(RingSpec):
         self.layout, self.causal, self.scale, self.n = layout, causal, scale, local_len
         self.next = self.prev = 0
         self.twin = None
-        self.split_diag = False
+        self.diag_tail = 0.0

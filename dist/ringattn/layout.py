@@ -130,9 +130,24 @@ def q_needed(a: int, b: int, local_len: int, layout: str, causal: bool) -> int:
     return local_len if blk is None else blk.q_start
 
 
-def diag_split(local_len: int) -> int:
-    """Row at which TokenRing cuts its local (diagonal) block in two parts of about equal causal work.
+def diag_tail(device_type: str) -> float:
+    """Fraction of its local rows that TokenRing leaves for the last part of its own block (computed
+    while the last results travel back; see `diag_parts`): half on GPUs; 1/8 on CPU, where a larger
+    second part costs more (smaller kernel calls, a longer merge) than the loopback transfer it hides."""
+    return 0.5 if device_type == "cuda" else 0.125
 
-    Rows [0, m) see keys [0, m): m^2/2 pairs; rows [m, n) see (n^2 - m^2)/2; equal at m = n/sqrt(2).
+
+def diag_parts(local_len: int, causal: bool, tail: float) -> list[tuple[int, int, int]]:
+    """A rank's own (diagonal) block as parts (q_start, k_start, k_stop): query rows [q_start, n) with
+    keys [k_start, k_stop), each needing no causal offset (top-left causal, or no mask).
+
+    With m = n - round(tail * n), 0 < m < n: part 0 = every row with keys [0, m), part 1 = rows
+    [m, n) with keys [m, n) (every row when not causal). Under a causal mask both are top-left causal
+    blocks (a rank's own rows are in global order in both layouts), so a kernel runs each as one
+    block. Else (tail 0) one part, the whole block.
     """
-    return max(1, min(local_len - 1, round(local_len / 2 ** 0.5))) if local_len > 1 else local_len
+    n = local_len
+    m = n - round(tail * n)
+    if not 0 < m < n:
+        return [(0, 0, n)]
+    return [(0, 0, m), (m if causal else 0, m, n)]

@@ -11,8 +11,9 @@ tokenring  KV never moves. Q travels one hop per step towards prev (Q_a visits a
            a+1), carrying only the query rows that its remaining holders need (with zigzag +
            causal, half of them after the wrap). The partial (out, lse) a holder computed for Q_a in
            the previous step goes straight back to a, so both directions of the links carry data.
-           Backward: (Q, dO, out, lse) travel the same way, dK/dV accumulate where K/V live, each
-           partial dQ goes straight back to its owner.
+           Backward: Q, dO and the row statistics (lse, D = rowsum(dO * out)) travel the same way
+           (D instead of out: 1 value per row and head instead of head_dim), dK/dV accumulate where
+           K/V live, each partial dQ goes straight back to its owner.
 ring       KV travels one hop per step towards next; in backward dK/dV accumulators (fp32) follow
            one step behind as a second stream (tag 1) and arrive at their owner after P hops.
 allgather  all-gather KV, compute locally; backward sends each rank's dK/dV share back with one
@@ -26,9 +27,9 @@ from __future__ import annotations
 import torch
 
 from dist import comm
-from dist.kernels import attention_backward, attention_forward, merge_attention
+from dist.kernels import attention_backward, attention_delta, attention_forward, merge_attention
 
-from .layout import block, diag_split, q_needed
+from .layout import block, diag_parts, q_needed
 
 
 class RingSpec:
@@ -45,7 +46,7 @@ class RingSpec:
         self.next = (self.rank + 1) % self.world
         self.prev = (self.rank - 1) % self.world
         self.twin = comm.twin_group(group) if self.world > 1 else None
-        self.split_diag = False  # TokenRing: split the local block to hide the last return (set for CUDA)
+        self.diag_tail = 0.0  # TokenRing: rows of the local block left to hide the last return (layout.diag_tail)
 
     def block(self, a: int, b: int):
         return block(a, b, self.n, self.layout, self.causal)
@@ -91,10 +92,11 @@ def _fwd_block(spec: RingSpec, q_rows, k, v, blk):
                              causal=blk.causal, softmax_scale=spec.scale)
 
 
-def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, dk_acc, dv_acc):
-    """Accumulates dK/dV of the block into dk_acc/dv_acc (fp32); returns dQ of the block's rows."""
+def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, dk_acc, dv_acc, delta=None):
+    """Accumulates dK/dV of the block into dk_acc/dv_acc (fp32); returns dQ of the block's rows.
+    delta (D = rowsum(dout * out)) may stand in for out (then None)."""
     ks, ke = blk.k_start, blk.k_stop
-    dq, dk, dv = attention_backward(dout, q_rows, k[:, ks:ke], v[:, ks:ke], out, lse,
+    dq, dk, dv = attention_backward(dout, q_rows, k[:, ks:ke], v[:, ks:ke], out, lse, delta=delta,
                                     causal=blk.causal, softmax_scale=spec.scale)
     dk_acc[:, ks:ke] += dk
     dv_acc[:, ks:ke] += dv
@@ -105,24 +107,29 @@ def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, dk_acc, dv_acc
 # TokenRing
 
 
+def _empty_rows(spec_rows, batch: int, rows: int, device) -> list[torch.Tensor]:
+    """Receive buffers [batch, rows, *shape] for row tensors described by (shape, dtype) pairs."""
+    return [torch.empty(batch, rows, *shape, dtype=dtype, device=device) for shape, dtype in spec_rows]
+
+
 def _tokenring_pass(spec: RingSpec, own: list[torch.Tensor], compute, local, result_spec, label_q: str,
                     label_back: str, merge):
     """The TokenRing schedule, shared by forward and backward.
 
-    own: this rank's row tensors [b, n, ...] that travel (Q, or Q/dO/out/lse). At step t >= 1 the
-    rank holds rows [held_start:] of Q_a (a = rank + t) and calls compute(a, held_start, held) ->
-    list of result row tensors for rows [block.q_start:] (or None when the mask leaves nothing);
-    they go straight back to a one step later, where merge(start, results) folds them in. The
-    local (diagonal) block is computed by local(lo, hi) for query rows [lo, hi): with
-    spec.split_diag in two parts, one while the first Q is in flight, the other while the last
-    results travel back, so no message is left exposed; else whole in step 0. (On CPU the split
-    costs more than it hides: the torch kernel runs a causal offset as two blocks and a merge,
-    about 10% more time for the diagonal, against ~1% of exposed transfer on loopback.)
+    own: this rank's row tensors [b, n, ...] that travel (Q, or Q/dO/stats), one message each (a
+    slice of rows of a contiguous tensor is sent as it is when b == 1, no packing copy). At step
+    t >= 1 the rank holds rows [held_start:] of Q_a (a = rank + t) and calls
+    compute(a, held_start, held) -> list of result row tensors [b, rows, ...] (described by
+    result_spec) for rows [block.q_start:], or None when the mask leaves nothing; they go straight
+    back to a one step later, where merge(start, results) folds them in. The local (diagonal) block
+    is computed by local(q_start, k_start, k_stop) for each part of `diag_parts`: the first while
+    the first Q is in flight, the second (spec.diag_tail of the rows) while the last results travel
+    back, so no message is left exposed.
     """
     p, r, n = spec.world, spec.rank, spec.n
-    spec_rows = comm.row_spec(own)
+    spec_rows = [(tuple(x.shape[2:]), x.dtype) for x in own]
     b, device = own[0].shape[0], own[0].device
-    split = diag_split(n) if p > 1 and spec.split_diag else n
+    parts = diag_parts(n, spec.causal, spec.diag_tail if p > 1 else 0.0)
     held_a, held_start, held = r, 0, own
     pending = None  # (owner, results) computed in the previous step, to be sent back
     for t in range(p + 1):  # step p only returns the last results (and computes the rest of the diagonal)
@@ -131,40 +138,39 @@ def _tokenring_pass(spec: RingSpec, own: list[torch.Tensor], compute, local, res
         if t < p - 1:  # forward the held Q towards prev, receive the next one from next
             send_start = spec.relay_start(held_a, r)
             assert send_start >= held_start, "a relay never needs rows it did not receive"
-            if send_start < n:
-                for buf in comm.pack_rows([x[:, send_start - held_start:] for x in held]):
-                    ex.send(buf, spec.prev, label_q)
+            for x in held if send_start < n else ():
+                ex.send(x[:, send_start - held_start:].contiguous(), spec.prev, label_q)
             next_a = (r + t + 1) % p
             recv_start = spec.relay_start(next_a, spec.next)
-            incoming = (next_a, recv_start, comm.empty_rows(spec_rows, b, n - recv_start, device))
+            incoming = (next_a, recv_start, _empty_rows(spec_rows, b, n - recv_start, device))
             for buf in incoming[2]:
                 ex.recv(buf, spec.next)
         if pending is not None:  # results of the previous step go back to their owner
-            for buf in comm.pack_rows(pending[1]):
-                ex.send(buf, pending[0], label_back, tag=1)
+            for x in pending[1]:
+                ex.send(x, pending[0], label_back, tag=1)
             pending = None
         if t >= 2:  # and ours come back from the rank that held our Q in the previous step
             holder = (r - (t - 1)) % p
             start = q_needed(r, holder, n, spec.layout, spec.causal)
-            back = (start, comm.empty_rows(result_spec, b, n - start, device))
+            back = (start, _empty_rows(result_spec, b, n - start, device))
             for buf in back[1]:
                 ex.recv(buf, holder, tag=1)
         ex.start()
 
         if t == 0:
-            local(0, split)
+            local(*parts[0])
         elif t < p:
             results = compute(held_a, held_start, held)
             pending = (held_a, results) if results is not None else None
-        elif split < n:
-            local(split, n)
+        elif len(parts) > 1:
+            local(*parts[1])
 
         ex.wait()
         if back is not None and back[0] < n:
-            merge(back[0], comm.unpack_rows(back[1], result_spec))
+            merge(back[0], back[1])
         if incoming is not None:
             held_a, held_start = incoming[0], incoming[1]
-            held = comm.unpack_rows(incoming[2], spec_rows) if held_start < n else None
+            held = incoming[2] if held_start < n else None
         if p == 1:
             break
 
@@ -181,13 +187,12 @@ class TokenRingAttention(torch.autograd.Function):
             if blk is None:
                 return None
             o, l = _fwd_block(spec, held[0][:, blk.q_start - held_start:], k, v, blk)
-            return [o, l.transpose(1, 2)]  # rows first for packing
+            return [o, l.transpose(1, 2).contiguous()]  # lse rows first, like every travelling tensor
 
-        def local(lo, hi):
-            ke = hi if spec.causal else n  # causal: row i < hi sees keys <= i
-            o, l = attention_forward(q[:, lo:hi], k[:, :ke], v[:, :ke], causal=spec.causal,
-                                     softmax_scale=spec.scale, causal_offset=lo)
-            acc.merge(lo, o, l)
+        def local(qs, ks, ke):
+            o, l = attention_forward(q[:, qs:], k[:, ks:ke], v[:, ks:ke], causal=spec.causal,
+                                     softmax_scale=spec.scale)
+            acc.merge(qs, o, l)
 
         def merge(start, results):
             acc.merge(start, results[0], results[1].transpose(1, 2))
@@ -204,7 +209,6 @@ class TokenRingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         spec = ctx.spec
         r = spec.rank
-        b, n, hq, d = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
@@ -216,25 +220,25 @@ class TokenRingAttention(torch.autograd.Function):
             if blk is None:
                 return None
             s = blk.q_start - held_start
-            q_a, do_a, out_a, lse_a = (x[:, s:] for x in held)
-            dq_a = _bwd_block(spec, do_a, q_a, k, v, out_a, lse_a.transpose(1, 2), blk, dk, dv)
-            return [dq_a]
+            q_a, do_a, stats_a = (x[:, s:] for x in held)
+            lse_a, delta_a = stats_a[:, :, 0].transpose(1, 2), stats_a[:, :, 1].transpose(1, 2)
+            return [_bwd_block(spec, do_a, q_a, k, v, None, lse_a, blk, dk, dv, delta=delta_a)]
 
-        def local(lo, hi):
-            ke = hi if spec.causal else n
-            g = attention_backward(dout[:, lo:hi], q[:, lo:hi], k[:, :ke], v[:, :ke], out[:, lo:hi],
-                                   lse[:, :, lo:hi], causal=spec.causal, softmax_scale=spec.scale,
-                                   causal_offset=lo)
-            dq[:, lo:hi] += g[0]
-            dk[:, :ke] += g[1]
-            dv[:, :ke] += g[2]
+        def local(qs, ks, ke):
+            g = attention_backward(dout[:, qs:], q[:, qs:], k[:, ks:ke], v[:, ks:ke], out[:, qs:],
+                                   lse[:, :, qs:], causal=spec.causal, softmax_scale=spec.scale)
+            dq[:, qs:] += g[0]
+            dk[:, ks:ke] += g[1]
+            dv[:, ks:ke] += g[2]
 
         def merge(start, results):
-            dq[:, start:start + results[0].shape[1]] += results[0]
+            dq[:, start:] += results[0]
 
-        result_spec = [((hq, d), q.dtype)]
-        own = [q, dout, out, lse.transpose(1, 2)]
-        _tokenring_pass(spec, own, compute, local, result_spec, "q", "dq", merge)
+        result_spec = [(tuple(q.shape[2:]), q.dtype)]
+        # Q, dO and the row statistics (lse, D = rowsum(dO * out)) travel; out stays home
+        delta = attention_delta(dout, out).to(lse.dtype)
+        stats = torch.stack((lse, delta), dim=1).permute(0, 3, 1, 2).contiguous()  # [b, n, 2, hq]
+        _tokenring_pass(spec, [q, dout, stats], compute, local, result_spec, "q", "dq", merge)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
@@ -247,8 +251,7 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, spec: RingSpec):
         p, r = spec.world, spec.rank
         acc = _Acc(q)
-        kv_spec = comm.row_spec([k, v])
-        held = comm.pack_rows([k, v])
+        held = [k, v]  # K and V travel as two messages (no packing copy)
         for t in range(p):
             ex = comm.Exchange(spec.group)
             incoming = None
@@ -260,8 +263,7 @@ class RingAttention(torch.autograd.Function):
             ex.start()
             blk = spec.block(r, (r - t) % p)
             if blk is not None:
-                k_b, v_b = comm.unpack_rows(held, kv_spec)
-                o, l = _fwd_block(spec, q[:, blk.q_start:], k_b, v_b, blk)
+                o, l = _fwd_block(spec, q[:, blk.q_start:], *held, blk)
                 acc.merge(blk.q_start, o, l)
             ex.wait()
             if incoming is not None:
@@ -279,9 +281,7 @@ class RingAttention(torch.autograd.Function):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dout = dout.contiguous().to(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv_spec = comm.row_spec([k, v])
-        dkv_spec = [(tuple(k.shape[2:]), acc), (tuple(v.shape[2:]), acc)]
-        held = comm.pack_rows([k, v])
+        held = [k, v]
         sending = None  # Exchange carrying the previous step's dK/dV accumulator to next
         for t in range(p):
             ex = comm.Exchange(spec.group)
@@ -293,43 +293,38 @@ class RingAttention(torch.autograd.Function):
                     ex.recv(buf, spec.prev)
             acc_in = None
             if t >= 1:  # the accumulator for the KV we hold now, from prev
-                acc_in = comm.empty_rows(dkv_spec, k.shape[0], k.shape[1], k.device)
+                acc_in = [torch.empty(x.shape, dtype=acc, device=x.device) for x in (k, v)]
                 for buf in acc_in:
                     ex.recv(buf, spec.prev, tag=1)
             ex.start()
-            k_b, v_b = comm.unpack_rows(held, kv_spec)
             dk_b = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv_b = torch.zeros(v.shape, dtype=acc, device=k.device)
             blk = spec.block(r, (r - t) % p)
             if blk is not None:
                 s = blk.q_start
-                dq[:, s:] += _bwd_block(spec, dout[:, s:], q[:, s:], k_b, v_b, out[:, s:], lse[:, :, s:],
+                dq[:, s:] += _bwd_block(spec, dout[:, s:], q[:, s:], *held, out[:, s:], lse[:, :, s:],
                                         blk, dk_b, dv_b)
             ex.wait()
             if sending is not None:
                 sending.wait()
             if acc_in is not None:
-                dk_in, dv_in = comm.unpack_rows(acc_in, dkv_spec)
-                dk_b += dk_in
-                dv_b += dv_in
+                dk_b += acc_in[0]
+                dv_b += acc_in[1]
             sending = comm.Exchange(spec.group)
             if p > 1:
-                for buf in comm.pack_rows([dk_b, dv_b]):
-                    sending.send(buf, spec.next, "dkv", tag=1)
+                sending.send(dk_b, spec.next, "dkv", tag=1).send(dv_b, spec.next, "dkv", tag=1)
             sending.start()
             if incoming is not None:
                 held = incoming
         if p == 1:
             dk, dv = dk_b, dv_b
         else:  # our own accumulator, complete after visiting every rank
-            final = comm.empty_rows(dkv_spec, k.shape[0], k.shape[1], k.device)
+            dk, dv = (torch.empty(x.shape, dtype=acc, device=x.device) for x in (k, v))
             ex = comm.Exchange(spec.group)
-            for buf in final:
-                ex.recv(buf, spec.prev, tag=1)
+            ex.recv(dk, spec.prev, tag=1).recv(dv, spec.prev, tag=1)
             ex.start()
             ex.wait()
             sending.wait()
-            dk, dv = comm.unpack_rows(final, dkv_spec)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from dist.ringattn.layout import block, diag_split
+from dist.ringattn.layout import block, diag_parts, diag_tail
 
 STRATEGIES = ("tokenring", "ring", "allgather", "ulysses")
 RING_STRATEGIES = ("tokenring", "ring", "allgather")
@@ -125,7 +125,7 @@ class Workload:
     causal: bool = True
     layout: str = "zigzag"
     itemsize: int = 2
-    split_diag: bool = True  # TokenRing splits its local block (what it does on CUDA; not on CPU)
+    diag_tail: float = 0.5  # TokenRing's last local part, a fraction of the rows (layout.diag_tail: 0.5 on CUDA)
 
     @property
     def acc_itemsize(self) -> int:
@@ -150,10 +150,14 @@ class Workload:
         return 4.0 * self.batch * self.heads_q * self.head_dim * pairs
 
 
-    def diag_rows_flops(self, lo: int, hi: int) -> float:
-        """Forward flops of query rows [lo, hi) of a rank's own (diagonal) block."""
-        n = self.local_seq
-        pairs = (hi * (hi + 1) - lo * (lo + 1)) / 2 if self.causal else (hi - lo) * n
+    def diag_part_flops(self, q_start: int, k_start: int, k_stop: int) -> float:
+        """Forward flops of one part of a rank's own block (see layout.diag_parts): query rows
+        [q_start, n) with keys [k_start, k_stop), top-left causal when causal."""
+        rows, cols = self.local_seq - q_start, k_stop - k_start
+        if self.causal:  # row i sees min(i + 1, cols) keys
+            pairs = rows * (rows + 1) / 2 if rows <= cols else cols * (cols + 1) / 2 + (rows - cols) * cols
+        else:
+            pairs = rows * cols
         return 4.0 * self.batch * self.heads_q * self.head_dim * pairs
 
 
@@ -196,21 +200,21 @@ def _rows_needed(w: Workload, a: int, b: int) -> int:
 def _tokenring(w: Workload, backward: bool) -> list[Step]:
     """Steps 0..p: the diagonal's first part, p-1 remote blocks, the last returns with the diagonal's rest."""
     p, n = w.world, w.local_seq
-    travel = (3 * w.q_row() + w.lse_row()) if backward else w.q_row()   # per query row that travels
+    travel = 2 * (w.q_row() + w.lse_row()) if backward else w.q_row()  # per query row: Q (and dO, lse, D)
     back = w.q_row() if backward else w.q_row() + w.lse_row()           # per row of a returned result
     factor = 2.5 if backward else 1.0
-    split = diag_split(n) if p > 1 and w.split_diag else n
+    parts = diag_parts(n, w.causal, w.diag_tail if p > 1 else 0.0)
     steps = []
     for t in range(p + 1 if p > 1 else 1):
         s = _new_step(p)
         for r in range(p):
             a = (r + t) % p
             if t == 0:
-                s.flops[r] = factor * w.diag_rows_flops(0, split)
+                s.flops[r] = factor * w.diag_part_flops(*parts[0])
             elif t < p:
                 s.flops[r] = factor * w.block_flops(a, r)
             else:
-                s.flops[r] = factor * w.diag_rows_flops(split, n)
+                s.flops[r] = factor * w.diag_part_flops(*parts[1]) if len(parts) > 1 else 0.0
             if t < p - 1:
                 _send(s, r, (r - 1) % p, (n - _relay_start(w, a, r)) * travel)
             if t >= 2:  # results of step t-1 go back to their owner
@@ -359,7 +363,7 @@ def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout
     link = link or default_link(device_type)
     compute = compute or COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
     w = Workload(q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], world, causal, layout, itemsize,
-                 split_diag=device_type == "cuda")
+                 diag_tail=diag_tail(device_type))
     preds = [predict(s, w, link, compute) for s in RING_STRATEGIES]
     best = min(preds, key=lambda p: (round(p.total_s, 9), p.bytes_per_rank))
     return best.strategy
