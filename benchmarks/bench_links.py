@@ -21,6 +21,8 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
   duplex        = t_send / t_shift                     rate while sending and receiving at
                                                        once, as a fraction of one-way
   alltoall_Bps  = N (p-1)/p / (t_alltoall - latency)   bytes leaving a rank per second
+  cpu_s_per_byte = busy CPU s of the machine during the  what moving a byte costs the cores
+                   shifts / bytes moved (p N a shift)   (TCP stack, veth/bridge, shaping; /proc/stat)
 
 `exchange` checks the model's other assumption: a rank that sends to two peers
 shares one rate (true for one NIC per host, the switch topology; on the mesh
@@ -74,6 +76,9 @@ def parse_args(argv=None):
 def _measure(args):
     import torch
     import torch.distributed as dist
+
+    sys.path.insert(0, REPO)
+    from dist.sim import host_cpu_busy_s
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=min(args.timeout, 300)))
@@ -131,6 +136,7 @@ def _measure(args):
                 times = []
                 if member:
                     run = pattern(name, numel)
+                busy0 = host_cpu_busy_s()
                 for i in range(args.warmup + args.repeats):
                     if member:
                         dist.barrier(group=g["ctrl"])
@@ -140,10 +146,13 @@ def _measure(args):
                         dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=g["ctrl"])
                         if i >= args.warmup:
                             times.append(dt.item())
+                busy1 = host_cpu_busy_s()
                 if rank == 0:
                     records.append({"group_size": p, "pattern": name, "size": label, "bytes": numel * 4,
                                     "median_s": statistics.median(times),
-                                    "min_s": min(times), "max_s": max(times)})
+                                    "min_s": min(times), "max_s": max(times),
+                                    "runs": args.warmup + args.repeats,
+                                    "busy_cpu_s": None if busy0 is None else busy1 - busy0})
         dist.barrier()
     if rank == 0:
         _write(args, world, records)
@@ -175,12 +184,15 @@ def profiles_from_records(records, label, source):
         n = by[(p, "shift", "large")]["bytes"]
         n_a2a = by[(p, "alltoall", "large")]["bytes"]
         send_bps = rate("send", n)
+        shift = by[(p, "shift", "large")]
+        busy = shift.get("busy_cpu_s")
         out.append({
             "name": f"{label}-p{p}",
             "bandwidth_Bps": send_bps,
             "latency_s": lat,
             "duplex": min(1.0, rate("shift", n) / send_bps),
             "alltoall_Bps": rate("alltoall", n_a2a * (p - 1) / p),
+            "cpu_s_per_byte": busy / (p * n * shift["runs"]) if busy else 0.0,
             "group_size": p,
             "source": source,
         })
@@ -220,8 +232,8 @@ def _write(args, world, records):
                      f"{r['max_s'] * 1e3:.2f} | {mbs:.1f} | {ratio} |")
     lines += ["", "shift_1g / shift: cost of both directions on one gloo group. exchange measured / model: "
               "a rank sending N to next and N to prev, against dist.sim's 2N / (bandwidth * duplex).", "",
-              "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | shift_1g / shift | "
-              "exchange measured / model |", "|---|---|---|---|---|---|---|"]
+              "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | CPU ms per MB moved | "
+              "shift_1g / shift | exchange measured / model |", "|---|---|---|---|---|---|---|---|"]
     for prof in profiles:
         p = prof["group_size"]
         t_shift = by[(p, "shift", "large")]["median_s"]
@@ -230,7 +242,8 @@ def _write(args, world, records):
         model = 2 * prof["latency_s"] + 2 * n / (prof["bandwidth_Bps"] * prof["duplex"])
         exch = by[(p, "exchange", "large")]["median_s"] / model
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "
-                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {one_group:.2f} | {exch:.2f} |")
+                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['cpu_s_per_byte'] * 1e9:.2f} | "
+                     f"{one_group:.2f} | {exch:.2f} |")
     md = "\n".join(lines) + "\n"
     with open(args.markdown or os.path.splitext(args.json)[0] + ".md", "w") as f:
         f.write(md)

@@ -31,7 +31,7 @@ from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
 from dist.ringattn import diag_tail, ring_attention, shard  # noqa: E402
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
-                      bytes_per_rank, load_link_profiles, predict)
+                      bytes_per_rank, host_cpu_busy_s, load_link_profiles, predict)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,15 +72,17 @@ def make_inputs(args, seed=0):
     return q, k, v, dout
 
 
-def measure_link(nbytes=8 << 20, repeats=3):
-    """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it."""
+def measure_link(nbytes=8 << 20, repeats=3, cpu_repeats=8):
+    """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it.
+    cpu_s_per_byte: the machine's busy CPU time over `cpu_repeats` more exchanges / bytes moved."""
     rank, world = dist.get_rank(), dist.get_world_size()
     peer = 1 - rank if rank < 2 else None
     buf, small = torch.zeros(nbytes // 4), torch.zeros(1)
     results = {}
-    for name, size_buf in (("lat", small), ("bw", buf)):
+    for name, size_buf, n in (("lat", small, repeats), ("bw", buf, repeats), ("cpu", buf, cpu_repeats)):
         times = []
-        for _ in range(repeats):
+        busy0 = host_cpu_busy_s()
+        for _ in range(n):
             dist.barrier()
             ex = comm.Exchange()  # every rank: the first one creates the twin group
             t0 = time.perf_counter()
@@ -90,11 +92,38 @@ def measure_link(nbytes=8 << 20, repeats=3):
                 ex.start()
                 ex.wait()
             times.append(time.perf_counter() - t0)
+        busy = host_cpu_busy_s()
         results[name] = min(times)
+        results[name + "_busy"] = None if busy0 is None else busy - busy0
     comm.counters.reset()
     lat = results["lat"]
     bw = nbytes / max(results["bw"] - lat, 1e-9)
-    return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}")
+    cpu = (results["cpu_busy"] or 0.0) / (2 * nbytes * cpu_repeats)
+    return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}",
+                       cpu_s_per_byte=cpu)
+
+
+def workload(args, world: int, device_type: str = "cpu") -> Workload:
+    """The dist.sim workload of this benchmark's attention call at world size `world` (args: the
+    parsed arguments, or the dict stored in a results JSON)."""
+    a = args if isinstance(args, dict) else vars(args)
+    itemsize = torch.empty(0, dtype=getattr(torch, a["dtype"])).element_size()
+    return Workload(a["batch"], a["seq_len"] // world, a["heads"], a["kv_heads"] or a["heads"], a["head_dim"], world,
+                    a["causal"], a["layout"], itemsize, diag_tail=diag_tail(device_type))
+
+
+def repredict(doc: dict) -> dict:
+    """A results document (this script's JSON) with every prediction redone by the current dist.sim,
+    from the link and compute profiles the run measured and stored; the measurements stay as they were."""
+    for run in doc["runs"]:
+        meta, world = run["meta"], run["world"]
+        link, cpu = LinkProfile(**meta["link"]), ComputeProfile(**meta["compute"])
+        w = workload(doc["args"], world)
+        for row in run["rows"]:
+            if "median_s" in row:
+                pred = predict(row["strategy"], w, link, cpu)
+                row["predicted_s"], row["predicted_compute_s"] = pred.total_s, pred.compute_s
+    return doc
 
 
 def ulysses_fn(group, causal):
@@ -165,8 +194,7 @@ def run_world(args, link_override):
             if i >= args.warmup:
                 times[name].append(dt)
     t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
-    w = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
-                 args.causal, args.layout, q.element_size(), diag_tail=diag_tail(q.device.type))
+    w = workload(args, world, q.device.type)
     w_gpu = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
                      args.causal, args.layout, 2)
     full = Workload(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, 1, args.causal,
@@ -175,7 +203,7 @@ def run_world(args, link_override):
     cpu = ComputeProfile("measured-cpu", fwd_flops / t1_fwd, 2.5 * fwd_flops / max(t1 - t1_fwd, 1e-9),
                          "single-rank kernel time measured in this run")
     if not q.is_cuda:  # every rank of this run shares this machine's cores (loopback or testbed)
-        cpu = cpu.shared(world, os.cpu_count() or 1)
+        cpu = cpu.shared(os.cpu_count() or 1)
     rows = []
     for strategy in args.strategies.split(","):
         if strategy in skipped:
@@ -225,7 +253,8 @@ def print_rows(args, world, rows, meta):
     print(f"\nP={world}  s={args.seq_len} batch={args.batch} heads={args.heads}/{args.kv_heads} d={args.head_dim} "
           f"causal={args.causal} layout={args.layout} {args.dtype}; single rank {meta['single_s']:.3f} s "
           f"(spread {100 * meta['single_spread']:.0f}%); "
-          f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us")
+          f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us, "
+          f"{meta['link'].get('cpu_s_per_byte', 0.0) * 1e9:.2f} CPU ms per MB moved")
     print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'MB/rank':>9} {'pred s':>8} {'meas/pred':>9}  "
           f"GPU-predicted ms (h100, bf16): nvlink / pcie4 / pcie5 / ib200 / ib400")
     base = {r["strategy"]: r for r in rows if "median_s" in r}
@@ -266,7 +295,10 @@ def write_results(args, all_rows, path):
         if "tokenring" in base:
             ratios = ", ".join(f"{o} / tokenring = {base[o]['median_s'] / base['tokenring']['median_s']:.3f}"
                                for o in ("ring", "allgather", "ulysses") if o in base)
-            lines.append(f"\nP={run['world']}: {ratios}; single rank {run['meta']['single_s']:.3f} s.")
+            link = run["meta"]["link"]
+            lines.append(f"\nP={run['world']}: {ratios}; single rank {run['meta']['single_s']:.3f} s; link "
+                         f"{link['bandwidth_Bps'] / 1e9:.2f} GB/s, {link.get('cpu_s_per_byte', 0.0) * 1e9:.2f} "
+                         "CPU ms per MB moved (predictions include it).")
     md.write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path} and {md}")
 

@@ -11,6 +11,8 @@ collects every strategy's measured step time, bytes per rank and predicted time.
       --rates 10gbit,1gbit,300mbit,100mbit --topologies mesh,switch --seq-len 3072
 
 Writes benchmarks/results/bench_testbed_sweep.json and .md (override with --json).
+`--repredict` redoes every prediction of an existing JSON with the current dist.sim (from the
+link and compute profiles stored with each measurement) and rewrites both files; no testbed.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="bound per torchrun job, s")
     p.add_argument("--prefix", default="dtb-sweep-")
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results", "bench_testbed_sweep.json"))
+    p.add_argument("--repredict", action="store_true",
+                   help="redo the predictions of the existing --json with the current model; measure nothing")
     p.add_argument("--ring-bench", default=RING_BENCH, help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="after --: more arguments for bench_ringattn.py")
     return p.parse_args(argv)
@@ -150,18 +154,24 @@ def probe(args, tb, sizes: list[int], workdir: str, port: int) -> list[dict]:
         return json.load(f)["profiles"]
 
 
-def write_report(args, points: list[dict]) -> None:
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = bench_links._machine()
-    doc = {"date": when, "machine": machine, "args": {k: v for k, v in vars(args).items() if k != "ring_bench"},
+def write_report(args, points: list[dict], measured: dict | None = None) -> None:
+    """measured: the date and machine of an earlier run whose predictions were redone (--repredict)."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = measured["date"] if measured else now
+    machine = measured["machine"] if measured else bench_links._machine()
+    skip = ("ring_bench", "repredict", "json")
+    doc = {"date": when, "machine": machine, "args": {k: v for k, v in vars(args).items() if k not in skip},
            "points": points}
+    if measured:
+        doc["repredicted"] = now
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)
     lines = [f"# Ring attention on shaped links ({when})", "",
              f"Machine: {machine}. seq {args.seq_len}, heads {args.heads}/{args.kv_heads}, d {args.head_dim}, "
              f"{'causal' if args.causal else 'full'}, layout {args.layout}; 1 rank per host. "
-             "error = predicted / measured - 1.", "",
+             "error = predicted / measured - 1."
+             + (f" Predictions redone {now} by the current dist/sim from the stored profiles." if measured else ""), "",
              "| link | P | probed MB/s | duplex | strategy | measured ms | predicted ms | error | "
              "predicted compute ms | MB/rank | ring / this |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -212,6 +222,8 @@ def main(argv=None):
         raise SystemExit(f"--seq-len: {args.seq_len} must be a multiple of 2P for P = {bad} (e.g. 3072 for P = 2..4)")
     if not os.path.exists(args.ring_bench):
         raise SystemExit(f"{os.path.relpath(args.ring_bench, REPO)} is missing (the ring benchmark drives this sweep)")
+    if args.repredict:
+        return repredict(args)
     points = []
     port = 29700
     if args.loopback:
@@ -232,6 +244,19 @@ def main(argv=None):
                     port += 1
                     points.append(run_point(args, tb, p, profiles, setting, wd, port))
             write_report(args, points)  # after every rate, so a cut-off run keeps what it measured
+
+
+def repredict(args) -> None:
+    from benchmarks import bench_ringattn
+
+    with open(args.json) as f:
+        doc = json.load(f)
+    for pt in doc["points"]:
+        if "raw" in pt:
+            bench_ringattn.repredict(pt["raw"])
+            pt["rows"] = extract_rows(pt["raw"])
+    stored = argparse.Namespace(**{**doc["args"], "json": args.json})
+    write_report(stored, doc["points"], measured=doc)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, Workload, bytes_per_rank, choose_strategy, load_link_profiles,
-                      predict, where_each_wins)
+from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, LinkProfile, Workload, bytes_per_rank, choose_strategy,
+                      load_link_profiles, predict, where_each_wins)
 
 H100 = COMPUTE_PROFILES["h100-bf16"]
 
@@ -81,10 +81,40 @@ def test_where_each_wins_report(capsys):
     assert "nvlink-h100" in out and "best" in out
 
 
-def test_compute_shared_by_ranks_on_fewer_cores():
-    from dist.sim import COMPUTE_PROFILES
-
+def test_ranks_sharing_cores_and_cpu_cost_of_bytes():
+    """Ranks on one machine: P ranks on C < P cores take P / C as long; bytes moved over a link
+    with a CPU cost per byte stretch the overlapped compute they share the cores with."""
     cpu = COMPUTE_PROFILES["cpu-1-thread"]
-    assert cpu.shared(2, 2) is cpu
-    half = cpu.shared(4, 2)
-    assert half.fwd_flops == cpu.fwd_flops / 2 and half.bwd_flops == cpu.bwd_flops / 2
+    w2, w4 = (Workload(1, 4096 // p, 8, 8, 64, p, True, "zigzag", 4, diag_tail=0.0) for p in (2, 4))
+    free = LinkProfile("free", 1e15, 0.0)
+    own = predict("allgather", w4, free, cpu)                   # a core per rank
+    on2 = predict("allgather", w4, free, cpu.shared(2))         # 4 ranks on 2 cores
+    assert on2.compute_s == pytest.approx(2 * own.compute_s, rel=1e-9)
+    assert predict("allgather", w2, free, cpu.shared(2)).compute_s == pytest.approx(
+        predict("allgather", w2, free, cpu).compute_s, rel=1e-9)  # as many cores as ranks: no change
+
+    costly = LinkProfile("costly", 1e15, 0.0, cpu_s_per_byte=1e-8)
+    base = predict("tokenring", w2, free, cpu.shared(2))
+    loaded = predict("tokenring", w2, costly, cpu.shared(2))
+    moved = sum(bytes_per_rank("tokenring", w2))
+    # every byte TokenRing sends overlaps compute, so the machine's 2 cores pay for all of them
+    assert loaded.total_s - base.total_s == pytest.approx(moved * 1e-8 / 2, rel=0.05)
+    assert predict("tokenring", w2, costly, cpu).total_s == pytest.approx(
+        predict("tokenring", w2, free, cpu).total_s)  # a device per rank: link CPU cost is not ours
+
+
+def test_allgather_rides_the_ring_rate_and_dkv_the_alltoall_rate():
+    """gloo's all-gather is a ring (each rank sends to next): at P > 2 it moves at the link's shift
+    rate (at P = 2 both directions share one connection, like an all-to-all); the backward's
+    reduce-scatter is an all_to_all, at the all-to-all rate."""
+    w = Workload(1, 1024, 8, 8, 64, 4, True, "zigzag", 4)
+    fast, slow_a2a = LinkProfile("a", 1e8, 0.0, 1.0, 1e8), LinkProfile("b", 1e8, 0.0, 1.0, 1e7)
+    cpu = COMPUTE_PROFILES["cpu-1-thread"]
+    pa, pb = predict("allgather", w, fast, cpu), predict("allgather", w, slow_a2a, cpu)
+    assert pa.fwd_s == pytest.approx(pb.fwd_s)
+    assert pb.bwd_s > pa.bwd_s
+    kv = 1024 * 2 * 8 * 64 * 4  # one rank's K and V, fp32
+    compute_fwd = predict("allgather", w, LinkProfile("free", 1e18, 0.0), cpu).fwd_s
+    assert pa.fwd_s - compute_fwd == pytest.approx(3 * kv / 1e8, rel=1e-6)
+    w2 = Workload(1, 1024, 8, 8, 64, 2, True, "zigzag", 4)
+    assert predict("allgather", w2, slow_a2a, cpu).fwd_s > predict("allgather", w2, fast, cpu).fwd_s

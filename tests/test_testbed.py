@@ -168,5 +168,24 @@ def test_link_probe_on_loopback(tmp_path):
     assert prof.bandwidth_Bps > 0 and prof.latency_s > 0 and 0 < prof.duplex <= 1 and prof.alltoall_Bps > 0
     doc = json.loads(out.read_text())
     assert doc["profiles"][0]["group_size"] == 2
+    assert prof.cpu_s_per_byte == doc["profiles"][0]["cpu_s_per_byte"] >= 0  # read back as the model uses it
     assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "shift_1g"}
     assert out.with_suffix(".md").exists()
+
+
+def test_probe_profiles_from_measurements():
+    """The probe's reduction to dist.sim profiles, on made-up measurements with known answers."""
+    n, lat = 4 << 20, 1e-3
+
+    def rec(pattern, seconds, size="large", nbytes=n, busy=None):
+        return {"group_size": 2, "pattern": pattern, "size": size, "bytes": nbytes, "median_s": seconds,
+                "min_s": seconds, "max_s": seconds, "runs": 4, "busy_cpu_s": busy}
+
+    records = [rec("shift", lat, "small", 64), rec("send", lat + n / 100e6), rec("shift", lat + n / 80e6, busy=0.5),
+               rec("alltoall", lat + n / 2 / 50e6), rec("exchange", 0.1), rec("shift_1g", 0.2)]
+    (prof,) = bench_links.profiles_from_records(records, "made-up", "test")
+    assert prof["bandwidth_Bps"] == pytest.approx(100e6)
+    assert prof["latency_s"] == pytest.approx(lat)
+    assert prof["duplex"] == pytest.approx(0.8)
+    assert prof["alltoall_Bps"] == pytest.approx(50e6)
+    assert prof["cpu_s_per_byte"] == pytest.approx(0.5 / (2 * n * 4))  # 2 ranks each moved n, 4 runs

@@ -10,12 +10,20 @@ both directions carry data). Messages posted in a step overlap that step's compu
 
 plus the exposed messages after the last step. all-gather and Ulysses do not overlap: their
 collectives add to compute. Small-block kernel inefficiency and merge costs are not modelled.
+
+When the ranks share a host's CPU cores (ComputeProfile.cores: the testbed and loopback runs on
+one machine) the cores bound a step too, and moving bytes costs CPU there (LinkProfile.cpu_s_per_byte,
+measured by benchmarks/bench_links.py: TCP stack, veth/bridge forwarding, shaping), so
+
+    compute = max(max over ranks of flops / rate, (sum over ranks of flops / rate + bytes x cpu_s_per_byte) / cores)
+
+GPU links move bytes by DMA (cpu_s_per_byte = 0) and each rank has its own device (cores = None).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dist.ringattn.layout import block, diag_parts, diag_tail
 
@@ -30,7 +38,9 @@ class LinkProfile:
 
     bandwidth_Bps: one-way bytes/s per rank; latency_s: per message; duplex: per-direction rate when
     both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
-    alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex).
+    alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex);
+    cpu_s_per_byte: host CPU seconds spent per byte carried (both ends together) while it travels,
+    taken from the cores the ranks compute on when they share a host (0 for DMA/RDMA links).
     """
 
     name: str
@@ -39,6 +49,7 @@ class LinkProfile:
     duplex: float = 1.0
     alltoall_Bps: float | None = None
     source: str = ""
+    cpu_s_per_byte: float = 0.0
 
     def transfer_s(self, sent: float, recv: float, messages: int) -> float:
         if not sent and not recv:
@@ -53,21 +64,28 @@ class LinkProfile:
 
 @dataclass(frozen=True)
 class ComputeProfile:
-    """Attention kernel speed: flop/s of the forward and of the backward (backward flops = 2.5 x forward)."""
+    """Attention kernel speed: flop/s of the forward and of the backward (backward flops = 2.5 x forward)
+    of one rank; cores: the number of CPU cores all ranks share (None: a device per rank, a GPU)."""
 
     name: str
     fwd_flops: float
     bwd_flops: float
     source: str = ""
+    cores: float | None = None
 
-    def shared(self, ranks: int, cores: int) -> "ComputeProfile":
-        """The rate each of `ranks` single-threaded ranks gets when they share `cores` cores (the
-        testbed's "hosts" all run on one machine): scaled by min(1, cores / ranks)."""
-        f = min(1.0, cores / max(1, ranks))
-        if f == 1.0:
-            return self
-        return ComputeProfile(self.name, self.fwd_flops * f, self.bwd_flops * f,
-                              f"{self.source}; {ranks} ranks share {cores} cores")
+    def shared(self, cores: float) -> "ComputeProfile":
+        """This profile for single-threaded ranks that all run on `cores` cores of one machine (the
+        testbed's "hosts", loopback runs): P ranks on fewer cores get cores / P of the rate each,
+        and the cores also pay the link's per-byte CPU cost (see the module docstring)."""
+        return replace(self, cores=float(cores), source=f"{self.source}; ranks share {cores:g} cores")
+
+    def step_compute_s(self, flops: list, backward: bool, cpu_s: float = 0.0) -> float:
+        """Time of a step in which rank r computes flops[r] while the link spends cpu_s of CPU."""
+        rate = self.bwd_flops if backward else self.fwd_flops
+        longest = max(flops) / rate if flops else 0.0
+        if self.cores is None:
+            return longest
+        return max(longest, (sum(flops) / rate + cpu_s) / self.cores)
 
 
 # Effective rates, derated from nominal (NVLink 4: 450 GB/s per direction per H100 SXM; PCIe Gen4/Gen5
@@ -94,7 +112,8 @@ COMPUTE_PROFILES = {
 
 
 def load_link_profiles(path) -> dict[str, LinkProfile]:
-    """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps", ...}, ...]}."""
+    """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps",
+    "cpu_s_per_byte", ...}, ...]} (duplex, alltoall_Bps and cpu_s_per_byte optional)."""
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
@@ -106,7 +125,7 @@ def load_link_profiles(path) -> dict[str, LinkProfile]:
                 name=entry["name"], bandwidth_Bps=float(entry["bandwidth_Bps"]), latency_s=float(entry["latency_s"]),
                 duplex=float(entry.get("duplex", 1.0)),
                 alltoall_Bps=None if entry.get("alltoall_Bps") is None else float(entry["alltoall_Bps"]),
-                source=str(entry.get("source", "")))
+                source=str(entry.get("source", "")), cpu_s_per_byte=float(entry.get("cpu_s_per_byte", 0.0)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: profile {i} lacks or mistypes a field: {e}") from None
     return out
@@ -170,6 +189,7 @@ class Step:
     recv: list = field(default_factory=list)
     messages: list = field(default_factory=list)
     overlapped: bool = True  # False: a collective that neither overlaps nor is overlapped
+    collective: str = "all_to_all"  # when not overlapped: "all_to_all", or "all_gather" (a ring, as gloo runs it)
 
 
 def _new_step(p: int) -> Step:
@@ -250,6 +270,7 @@ def _allgather(w: Workload, backward: bool) -> list[Step]:
     size = n * w.kv_row() if not backward else n * w.kv_row() // w.itemsize * w.acc_itemsize
     coll = _new_step(p)
     coll.overlapped = False
+    coll.collective = "all_to_all" if backward else "all_gather"  # dK/dV go back by all_to_all (a reduce-scatter)
     for r in range(p):
         coll.sent[r] = coll.recv[r] = (p - 1) * size
         coll.messages[r] = p - 1
@@ -320,24 +341,45 @@ class Prediction:
         return self.total_s / self.compute_s - 1.0 if self.compute_s else 0.0
 
 
-def _time(steps: list[Step], link: LinkProfile, rate: float) -> tuple[float, float]:
-    total = compute = 0.0
+def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backward: bool) -> tuple[float, float]:
+    total = compute_only = 0.0
     for s in steps:
-        comp = max(f / rate for f in s.flops)
-        if s.overlapped:
+        comp = compute.step_compute_s(s.flops, backward)
+        if s.overlapped:  # the step's bytes cost host CPU while its compute runs
+            loaded = compute.step_compute_s(s.flops, backward, link.cpu_s_per_byte * sum(s.sent))
             comm = max(link.transfer_s(s.sent[r], s.recv[r], s.messages[r]) for r in range(len(s.flops)))
-            total += max(comp, comm)
-        else:
-            total += comp + max(link.alltoall_s(s.sent[r], s.messages[r]) for r in range(len(s.flops)))
-        compute += comp
-    return total, compute
+            total += max(loaded, comm)
+        else:  # a blocking collective: its measured rate already includes its CPU cost
+            # gloo's all-gather is a ring: a rank sends to next while it receives from prev (a shift);
+            # with 2 ranks next == prev, and both directions share one connection, as in an all-to-all
+            ring = s.collective == "all_gather" and len(s.flops) > 2
+            coll = (lambda sent, messages: link.transfer_s(sent, sent, messages)) if ring else link.alltoall_s
+            total += comp + max(coll(s.sent[r], s.messages[r]) for r in range(len(s.flops)))
+        compute_only += comp
+    return total, compute_only
 
 
 def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfile) -> Prediction:
     """Modelled forward + backward time of one attention call on every rank."""
-    fwd, cf = _time(schedule(strategy, w, False), link, compute.fwd_flops)
-    bwd, cb = _time(schedule(strategy, w, True), link, compute.bwd_flops)
+    fwd, cf = _time(schedule(strategy, w, False), link, compute, False)
+    bwd, cb = _time(schedule(strategy, w, True), link, compute, True)
     return Prediction(strategy, fwd, bwd, cf + cb, max(bytes_per_rank(strategy, w)))
+
+
+def host_cpu_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat less idle and iowait);
+    None where /proc/stat is unavailable. Two readings around a transfer give its CPU cost."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def default_link(device_type: str = "cpu") -> LinkProfile:
