@@ -317,6 +317,7 @@ def main(argv=None):
             rows, meta = res
             print_rows(args, dist.get_world_size(), rows, meta)
             all_rows.append(dict(world=dist.get_world_size(), rows=rows, meta=meta))
+        dist.barrier()  # nobody tears down the group while another rank still uses it
         dist.destroy_process_group()
         if dist.is_initialized() or int(os.environ["RANK"]) != 0:
             return
