@@ -64,26 +64,69 @@ class RingSpec:
         return start
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class _Acc:
-    """Running (out, lse) of this rank's queries: out fp32 [b, n, hq, d], lse fp32 [b, hq, n]."""
+    """Running (out, lse) of this rank's queries: out fp32 [b, n, hq, d], lse fp32 [b, hq, n].
+
+    The first partial result that covers every row is taken over as it is; only when the first one
+    covers some rows are buffers allocated (out 0, lse -inf) and merged into."""
 
     def __init__(self, q: torch.Tensor):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        self.out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        self.lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
-        self.empty = True
+        self.shape, self.dtype, self.device = q.shape, _acc_dtype(q), q.device
+        self.out = self.lse = None
 
     def merge(self, start: int, block_out, block_lse) -> None:
-        """Fold in a partial result for query rows [start, start + rows) (the first full one is copied)."""
+        """Fold in a partial result for query rows [start, start + rows)."""
         stop = start + block_out.shape[1]
-        if self.empty and start == 0 and stop == self.out.shape[1]:
-            self.out.copy_(block_out)
-            self.lse.copy_(block_lse)
+        if self.out is None:
+            if start == 0 and stop == self.shape[1]:
+                self.out, self.lse = block_out.to(self.dtype), block_lse.to(self.dtype)
+                return
+            self._allocate()
+        o, l = merge_attention(self.out[:, start:stop], self.lse[:, :, start:stop], block_out, block_lse)
+        self.out[:, start:stop] = o
+        self.lse[:, :, start:stop] = l
+
+    def _allocate(self) -> None:
+        b, n, h, _ = self.shape
+        self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.lse = torch.full((b, h, n), float("-inf"), dtype=self.dtype, device=self.device)
+
+    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out in `dtype`, lse float32)."""
+        if self.out is None:  # no block at all (cannot happen with a rank's own block; kept total)
+            self._allocate()
+        return self.out.to(dtype), self.lse.float()
+
+
+class _Sum:
+    """A gradient summed from row blocks into one fp32 tensor shaped like `like` [b, n, ...]: the first
+    block is taken over (when it covers every row) or copied in with the other rows zeroed; later
+    blocks are added. Saves the zero-filled buffer and one pass over it."""
+
+    def __init__(self, like: torch.Tensor):
+        self.shape, self.dtype, self.device = like.shape, _acc_dtype(like), like.device
+        self.t = None
+
+    def add(self, start: int, value: torch.Tensor) -> None:
+        stop = start + value.shape[1]
+        if self.t is not None:
+            self.t[:, start:stop] += value
+        elif start == 0 and stop == self.shape[1]:
+            self.t = value.to(self.dtype)
         else:
-            o, l = merge_attention(self.out[:, start:stop], self.lse[:, :, start:stop], block_out, block_lse)
-            self.out[:, start:stop] = o
-            self.lse[:, :, start:stop] = l
-        self.empty = False
+            self.t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.t[:, :start].zero_()
+            self.t[:, stop:].zero_()
+            self.t[:, start:stop] = value
+
+    def get(self) -> torch.Tensor:
+        if self.t is None:
+            self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.t
 
 
 def _fwd_block(spec: RingSpec, q_rows, k, v, blk):
@@ -92,15 +135,12 @@ def _fwd_block(spec: RingSpec, q_rows, k, v, blk):
                              causal=blk.causal, softmax_scale=spec.scale)
 
 
-def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, dk_acc, dv_acc, delta=None):
-    """Accumulates dK/dV of the block into dk_acc/dv_acc (fp32); returns dQ of the block's rows.
+def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, delta=None):
+    """Returns (dQ of the block's rows, dK, dV of keys [blk.k_start, blk.k_stop)).
     delta (D = rowsum(dout * out)) may stand in for out (then None)."""
     ks, ke = blk.k_start, blk.k_stop
-    dq, dk, dv = attention_backward(dout, q_rows, k[:, ks:ke], v[:, ks:ke], out, lse, delta=delta,
-                                    causal=blk.causal, softmax_scale=spec.scale)
-    dk_acc[:, ks:ke] += dk
-    dv_acc[:, ks:ke] += dv
-    return dq
+    return attention_backward(dout, q_rows, k[:, ks:ke], v[:, ks:ke], out, lse, delta=delta,
+                              causal=blk.causal, softmax_scale=spec.scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +239,7 @@ class TokenRingAttention(torch.autograd.Function):
 
         result_spec = [((hq, d), q.dtype), ((hq,), torch.float32)]
         _tokenring_pass(spec, [q], compute, local, result_spec, "q", "out", merge)
-        out, lse = acc.out.to(q.dtype), acc.lse.float()
+        out, lse = acc.result(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
         return out
@@ -209,10 +249,7 @@ class TokenRingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         spec = ctx.spec
         r = spec.rank
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        dq, dk, dv = _Sum(q), _Sum(k), _Sum(v)
         dout = dout.contiguous().to(q.dtype)
 
         def compute(a, held_start, held):
@@ -222,24 +259,27 @@ class TokenRingAttention(torch.autograd.Function):
             s = blk.q_start - held_start
             q_a, do_a, stats_a = (x[:, s:] for x in held)
             lse_a, delta_a = stats_a[:, :, 0].transpose(1, 2), stats_a[:, :, 1].transpose(1, 2)
-            return [_bwd_block(spec, do_a, q_a, k, v, None, lse_a, blk, dk, dv, delta=delta_a)]
+            dq_a, dk_b, dv_b = _bwd_block(spec, do_a, q_a, k, v, None, lse_a, blk, delta=delta_a)
+            dk.add(blk.k_start, dk_b)
+            dv.add(blk.k_start, dv_b)
+            return [dq_a]
 
         def local(qs, ks, ke):
             g = attention_backward(dout[:, qs:], q[:, qs:], k[:, ks:ke], v[:, ks:ke], out[:, qs:],
                                    lse[:, :, qs:], causal=spec.causal, softmax_scale=spec.scale)
-            dq[:, qs:] += g[0]
-            dk[:, ks:ke] += g[1]
-            dv[:, ks:ke] += g[2]
+            dq.add(qs, g[0])
+            dk.add(ks, g[1])
+            dv.add(ks, g[2])
 
         def merge(start, results):
-            dq[:, start:] += results[0]
+            dq.add(start, results[0])
 
         result_spec = [(tuple(q.shape[2:]), q.dtype)]
         # Q, dO and the row statistics (lse, D = rowsum(dO * out)) travel; out stays home
         delta = attention_delta(dout, out).to(lse.dtype)
         stats = torch.stack((lse, delta), dim=1).permute(0, 3, 1, 2).contiguous()  # [b, n, 2, hq]
         _tokenring_pass(spec, [q, dout, stats], compute, local, result_spec, "q", "dq", merge)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.get().to(q.dtype), dk.get().to(k.dtype), dv.get().to(v.dtype), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +308,7 @@ class RingAttention(torch.autograd.Function):
             ex.wait()
             if incoming is not None:
                 held = incoming
-        out, lse = acc.out.to(q.dtype), acc.lse.float()
+        out, lse = acc.result(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
         return out
@@ -278,9 +318,9 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         spec = ctx.spec
         p, r = spec.world, spec.rank
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q)
         dout = dout.contiguous().to(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq = _Sum(q)
         held = [k, v]
         sending = None  # Exchange carrying the previous step's dK/dV accumulator to next
         for t in range(p):
@@ -297,19 +337,21 @@ class RingAttention(torch.autograd.Function):
                 for buf in acc_in:
                     ex.recv(buf, spec.prev, tag=1)
             ex.start()
-            dk_b = torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv_b = torch.zeros(v.shape, dtype=acc, device=k.device)
+            dk_b, dv_b = _Sum(k), _Sum(v)  # this step's dK/dV of the KV we hold
             blk = spec.block(r, (r - t) % p)
             if blk is not None:
                 s = blk.q_start
-                dq[:, s:] += _bwd_block(spec, dout[:, s:], q[:, s:], *held, out[:, s:], lse[:, :, s:],
-                                        blk, dk_b, dv_b)
+                g = _bwd_block(spec, dout[:, s:], q[:, s:], *held, out[:, s:], lse[:, :, s:], blk)
+                dq.add(s, g[0])
+                dk_b.add(blk.k_start, g[1])
+                dv_b.add(blk.k_start, g[2])
             ex.wait()
             if sending is not None:
                 sending.wait()
             if acc_in is not None:
-                dk_b += acc_in[0]
-                dv_b += acc_in[1]
+                dk_b.add(0, acc_in[0])
+                dv_b.add(0, acc_in[1])
+            dk_b, dv_b = dk_b.get(), dv_b.get()
             sending = comm.Exchange(spec.group)
             if p > 1:
                 sending.send(dk_b, spec.next, "dkv", tag=1).send(dv_b, spec.next, "dkv", tag=1)
@@ -325,7 +367,7 @@ class RingAttention(torch.autograd.Function):
             ex.start()
             ex.wait()
             sending.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.get().to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +389,7 @@ class AllGatherAttention(torch.autograd.Function):
                 k_b, v_b = comm.unpack_rows([kvs[b]], kv_spec)
                 o, l = _fwd_block(spec, q[:, blk.q_start:], k_b, v_b, blk)
                 acc.merge(blk.q_start, o, l)
-        out, lse = acc.out.to(q.dtype), acc.lse.float()
+        out, lse = acc.result(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
         ctx.kvs = kvs
@@ -359,10 +401,10 @@ class AllGatherAttention(torch.autograd.Function):
         spec, kvs = ctx.spec, ctx.kvs
         ctx.kvs = None
         p, r = spec.world, spec.rank
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q)
         dout = dout.contiguous().to(q.dtype)
         kv_spec = comm.row_spec([k, v])
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq = _Sum(q)
         dkv = torch.zeros((p, *k.shape[:2], 2 * k.shape[2] * k.shape[3]), dtype=acc, device=k.device)  # [P, b, n, 2*hkv*d]
         for b in range(p):
             blk = spec.block(r, b)
@@ -370,12 +412,14 @@ class AllGatherAttention(torch.autograd.Function):
                 continue
             k_b, v_b = comm.unpack_rows([kvs[b]], kv_spec)
             dk_b, dv_b = comm.unpack_rows([dkv[b]], [(tuple(k.shape[2:]), acc)] * 2)
-            s = blk.q_start
-            dq[:, s:] += _bwd_block(spec, dout[:, s:], q[:, s:], k_b, v_b, out[:, s:], lse[:, :, s:],
-                                    blk, dk_b, dv_b)
+            s, ks, ke = blk.q_start, blk.k_start, blk.k_stop
+            g = _bwd_block(spec, dout[:, s:], q[:, s:], k_b, v_b, out[:, s:], lse[:, :, s:], blk)
+            dq.add(s, g[0])
+            dk_b[:, ks:ke] += g[1]
+            dv_b[:, ks:ke] += g[2]
         summed = (comm.all_to_all(dkv, spec.group, "dkv") if p > 1 else dkv).sum(0)
         dk, dv = comm.unpack_rows([summed], [(tuple(k.shape[2:]), acc)] * 2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.get().to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 STRATEGIES = {"tokenring": TokenRingAttention, "ring": RingAttention, "allgather": AllGatherAttention}
