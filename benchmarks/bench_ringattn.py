@@ -1,6 +1,8 @@
-"""Ring attention benchmark: forward+backward time, bytes per rank and efficiency of every strategy,
-with DeepSpeed-Ulysses (deepspeed.sequence.layer.DistributedAttention) as the peer in the same run,
-and the dist.sim model's prediction beside each measurement.
+"""Ring attention benchmark: forward+backward time, bytes per rank and efficiency of every strategy
+(tokenring, ring, allgather, and our Ulysses from dist.seqpar), with DeepSpeed-Ulysses
+(deepspeed.sequence.layer.DistributedAttention, "ds-ulysses") as the peer in the same run, and the
+dist.sim model's prediction beside each measurement. (Results written before 2026-11-23 18:10 UTC
+name DeepSpeed's "ulysses": ours did not exist then.)
 
     python benchmarks/bench_ringattn.py --world-sizes 2 --seq-len 4096 --heads 8 --head-dim 64
     torchrun --nproc-per-node 2 benchmarks/bench_ringattn.py ...        # uses the env's process group
@@ -29,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
-from dist.ringattn import diag_tail, ring_attention, shard  # noqa: E402
+from dist.ringattn import diag_tail, shard  # noqa: E402
+from dist.seqpar import sp_attention  # noqa: E402
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
                       bytes_per_rank, host_cpu_busy_s, load_link_profiles, predict)
 
@@ -46,7 +49,7 @@ def parse_args(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
-    ap.add_argument("--strategies", default="tokenring,ring,allgather,ulysses")
+    ap.add_argument("--strategies", default="tokenring,ring,allgather,ulysses,ds-ulysses")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
@@ -121,9 +124,14 @@ def repredict(doc: dict) -> dict:
         w = workload(doc["args"], world)
         for row in run["rows"]:
             if "median_s" in row:
-                pred = predict(row["strategy"], w, link, cpu)
+                pred = predict(sim_name(row["strategy"]), w, link, cpu)
                 row["predicted_s"], row["predicted_compute_s"] = pred.total_s, pred.compute_s
     return doc
+
+
+def sim_name(strategy: str) -> str:
+    """The dist.sim schedule of a benchmarked strategy (DeepSpeed's Ulysses moves what ours does)."""
+    return "ulysses" if strategy == "ds-ulysses" else strategy
 
 
 def ulysses_fn(group, causal):
@@ -168,12 +176,12 @@ def run_world(args, link_override):
 
     steps["single"], steps["single_fwd"] = single, single_fwd
     for strategy in args.strategies.split(","):
-        layout = "contiguous" if strategy == "ulysses" else args.layout
+        layout = "contiguous" if strategy == "ds-ulysses" else args.layout
         mine = [shard(x, 1, rank, world, layout) for x in (q, k, v, dout)]
-        if strategy == "ulysses":
-            if args.heads % world or args.kv_heads % world:
-                skipped[strategy] = f"heads not divisible by {world}"
-                continue
+        if "ulysses" in strategy and (args.heads % world or args.kv_heads % world):
+            skipped[strategy] = f"heads not divisible by {world}"
+            continue
+        if strategy == "ds-ulysses":
             uly = ulysses_fn(None, args.causal)
 
             def step(mine=mine, uly=uly):
@@ -182,7 +190,7 @@ def run_world(args, link_override):
         else:
             def step(mine=mine, strategy=strategy, layout=layout):
                 qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
-                ring_attention(qq, kk, vv, causal=args.causal, strategy=strategy, layout=layout).backward(mine[3])
+                sp_attention(qq, kk, vv, causal=args.causal, strategy=strategy, layout=layout).backward(mine[3])
         steps[strategy] = step
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.repeats):
@@ -214,15 +222,15 @@ def run_world(args, link_override):
         steps[strategy]()
         sent = torch.tensor([sum(b for key, b in comm.counters.bytes.items() if key != "meta")], dtype=torch.float64)
         dist.all_reduce(sent, op=dist.ReduceOp.MAX)
-        model_bytes = max(bytes_per_rank(strategy, w))
-        pred = predict(strategy, w, link, cpu)
+        model_bytes = max(bytes_per_rank(sim_name(strategy), w))
+        pred = predict(sim_name(strategy), w, link, cpu)
         rows.append(dict(
             strategy=strategy, world=world, median_s=med, min_s=lo, max_s=hi,
             spread=(hi - lo) / med, efficiency=(t1 / world) / med,
-            bytes_per_rank=int(sent.item()) if strategy != "ulysses" else model_bytes,
-            bytes_source="counted" if strategy != "ulysses" else "model",
+            bytes_per_rank=int(sent.item()) if strategy != "ds-ulysses" else model_bytes,
+            bytes_source="counted" if strategy != "ds-ulysses" else "model",
             model_bytes_per_rank=model_bytes, predicted_s=pred.total_s, predicted_compute_s=pred.compute_s,
-            gpu_predicted_ms={name: predict(strategy, w_gpu, LINK_PROFILES[name], COMPUTE_PROFILES["h100-bf16"])
+            gpu_predicted_ms={name: predict(sim_name(strategy), w_gpu, LINK_PROFILES[name], COMPUTE_PROFILES["h100-bf16"])
                               .total_s * 1e3 for name in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")},
         ))
     comm.counters.reset()
@@ -267,7 +275,7 @@ def print_rows(args, world, rows, meta):
               f"{r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
               + " / ".join(f"{g[n]:.3f}" for n in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")))
     if "tokenring" in base:
-        for other in ("ring", "allgather", "ulysses"):
+        for other in ("ring", "allgather", "ulysses", "ds-ulysses"):
             if other in base:
                 print(f"  tokenring vs {other}: {base[other]['median_s'] / base['tokenring']['median_s']:.3f}x")
 
@@ -294,7 +302,7 @@ def write_results(args, all_rows, path):
         base = {r["strategy"]: r for r in run["rows"] if "median_s" in r}
         if "tokenring" in base:
             ratios = ", ".join(f"{o} / tokenring = {base[o]['median_s'] / base['tokenring']['median_s']:.3f}"
-                               for o in ("ring", "allgather", "ulysses") if o in base)
+                               for o in ("ring", "allgather", "ulysses", "ds-ulysses") if o in base)
             link = run["meta"]["link"]
             lines.append(f"\nP={run['world']}: {ratios}; single rank {run['meta']['single_s']:.3f} s; link "
                          f"{link['bandwidth_Bps'] / 1e9:.2f} GB/s, {link.get('cpu_s_per_byte', 0.0) * 1e9:.2f} "

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--layout", default="zigzag")
-    p.add_argument("--strategies", default="tokenring,ring,allgather,ulysses")
+    p.add_argument("--strategies", default="tokenring,ring,allgather,ulysses,ds-ulysses")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--probe-bytes", type=int, default=4 << 20)

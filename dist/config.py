@@ -242,6 +242,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'checkpoint.resume' = \"latest\" needs 'checkpoint.dir'")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"config key 'serve.port' must be in 1..65535, got {cfg.serve.port}")
+    heads = PRESETS[cfg.model.preset].n_heads
+    if cfg.sp.strategy == "ulysses" and not cfg.model.path and heads % cfg.sp.degree:
+        raise ConfigError(f"config key 'sp.strategy' = \"ulysses\" needs the model's heads ({heads}) divisible by "
+                          f"sp.degree ({cfg.sp.degree}); use a ring strategy")
 
 
 def check_world(cfg: Config, world_size: int) -> None:

@@ -67,7 +67,7 @@ def _body(rank, world, cases):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world,cases", [
-    (2, [("tokenring", "zigzag"), ("ring", "contiguous")]),
+    (2, [("tokenring", "zigzag"), ("ring", "contiguous"), ("ulysses", "zigzag")]),
     (3, [("tokenring", "zigzag"), ("allgather", "zigzag")]),
 ])
 def test_wrapped_models_match_unwrapped(world, cases):

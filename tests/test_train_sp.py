@@ -23,7 +23,7 @@ def _train(rank, world_size, overrides):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy,layout,world", [("tokenring", "zigzag", 2), ("ring", "contiguous", 2),
-                                                   ("tokenring", "zigzag", 4)])
+                                                   ("ulysses", "zigzag", 2), ("tokenring", "zigzag", 4)])
 def test_sp2_matches_sp1(tmp_path, strategy, layout, world):
     """world 2: one SP group of 2; world 4: two data-parallel groups of 2 (dp=2 x sp=2)."""
     base = SMALL + [f"sp.strategy={strategy}", f"sp.layout={layout}"]

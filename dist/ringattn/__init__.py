@@ -74,8 +74,9 @@ def _shape_of(t) -> list[int]:
     return list(t.shape) if isinstance(t, torch.Tensor) and t.dim() == 4 else [-1] * 4
 
 
-def _validate(q, k, v, causal, strategy, layout, group, world, rank):
-    """Check inputs on this rank and against every other rank; the same ValueError on all ranks."""
+def _validate(q, k, v, causal, strategy, layout, group, world, rank, what="ring_attention"):
+    """Check inputs on this rank and against every other rank; the same ValueError on all ranks.
+    `what` names the caller in messages (dist.seqpar's Ulysses passes strategy "auto" as a placeholder)."""
     code = _local_problem(q, k, v, strategy, layout, world)
     dtype_code = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
     strategy_code = STRATEGY_NAMES.index(strategy) if strategy in STRATEGY_NAMES else -1
@@ -92,14 +93,14 @@ def _validate(q, k, v, causal, strategy, layout, group, world, rank):
             detail = f" (q {tuple(other[1:5])}, k {tuple(other[5:9])})" if other[0] in (1, 2, 3, 4, 6, 9) else ""
             extra = f", got {strategy!r}" if other[0] == 7 and r == rank else ""
             extra += f", got {layout!r}" if other[0] == 8 and r == rank else ""
-            raise ValueError(f"ring_attention: on rank {r} of the group: {_LOCAL_PROBLEMS[other[0]]}{detail}{extra}")
+            raise ValueError(f"{what}: on rank {r} of the group: {_LOCAL_PROBLEMS[other[0]]}{detail}{extra}")
     names = ["q shape", "k/v shape", "dtype", "causal", "strategy", "layout"]
     spans = [(1, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
     for name, (lo, hi) in zip(names, spans):
         values = [tuple(r[lo:hi]) for r in rows]
         if len(set(values)) > 1:
             shown = ", ".join(f"rank {i}: {v if hi - lo > 1 else v[0]}" for i, v in enumerate(values))
-            raise ValueError(f"ring_attention: every rank of the group must pass the same {name}; got {shown}")
+            raise ValueError(f"{what}: every rank of the group must pass the same {name}; got {shown}")
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, group=None,

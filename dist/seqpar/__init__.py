@@ -1,9 +1,10 @@
-"""Sequence parallelism: model wrapping (ring attention). The planner and Ulysses join here later.
+"""Sequence parallelism: model wrapping (ring attention or Ulysses). The planner joins here later.
 
-    from dist.seqpar import wrap_model
-    model = wrap_model(model, group=sp_group, strategy="tokenring", layout="zigzag")
+    from dist.seqpar import wrap_model, ulysses_attention
+    model = wrap_model(model, group=sp_group, strategy="tokenring", layout="zigzag")   # or "ulysses"
 """
 
-from .wrap import HF_ATTENTION_NAME, ring_attn_fn, wrap_model
+from .ulysses import ulysses_attention
+from .wrap import HF_ATTENTION_NAME, SP_STRATEGIES, ring_attn_fn, sp_attention, wrap_model
 
-__all__ = ["wrap_model", "ring_attn_fn", "HF_ATTENTION_NAME"]
+__all__ = ["wrap_model", "ring_attn_fn", "sp_attention", "ulysses_attention", "SP_STRATEGIES", "HF_ATTENTION_NAME"]

@@ -1,4 +1,4 @@
-"""wrap_model: make a model's attention sequence-parallel (ring attention over a process group).
+"""wrap_model: make a model's attention sequence-parallel (ring attention or Ulysses over a process group).
 
 Each rank then calls the model with its shard of the sequence, in `layout`, with the true
 position ids of its tokens (so RoPE is right):
@@ -22,25 +22,32 @@ import torch
 
 from dist.ringattn import LAYOUTS, STRATEGY_NAMES, ring_attention
 
+from .ulysses import ulysses_attention
+
 HF_ATTENTION_NAME = "dist_ring"
+SP_STRATEGIES = (*STRATEGY_NAMES, "ulysses")
 
 
 def _check(strategy: str, layout: str) -> None:
-    if strategy not in STRATEGY_NAMES:
-        raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {strategy!r}")
+    if strategy not in SP_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SP_STRATEGIES}, got {strategy!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def ring_attn_fn(group=None, strategy: str = "tokenring", layout: str = "zigzag"):
-    """The pluggable attention function fn(q, k, v, *, causal, softmax_scale) backed by ring_attention."""
-    _check(strategy, layout)
-    return functools.partial(_ring_attn, group=group, strategy=strategy, layout=layout)
-
-
-def _ring_attn(q, k, v, *, causal=True, softmax_scale=None, group=None, strategy="tokenring", layout="zigzag"):
+def sp_attention(q, k, v, *, causal=True, softmax_scale=None, group=None, strategy="tokenring", layout="zigzag"):
+    """Sequence-parallel attention of this rank's shard: ring_attention, or ulysses_attention for
+    strategy "ulysses" (same arguments and layouts)."""
+    if strategy == "ulysses":
+        return ulysses_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, layout=layout)
     return ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
                           strategy=strategy, layout=layout)
+
+
+def ring_attn_fn(group=None, strategy: str = "tokenring", layout: str = "zigzag"):
+    """The pluggable attention function fn(q, k, v, *, causal, softmax_scale) backed by sp_attention."""
+    _check(strategy, layout)
+    return functools.partial(sp_attention, group=group, strategy=strategy, layout=layout)
 
 
 def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -51,8 +58,8 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
                          "with dist.seqpar.wrap_model")
     if dropout:
         raise ValueError("wrap_model: attention dropout is not supported with ring attention (set it to 0)")
-    out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                         causal=getattr(module, "is_causal", True), softmax_scale=scaling, **cfg)
+    out = sp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                       causal=getattr(module, "is_causal", True), softmax_scale=scaling, **cfg)
     return out, None
 
 
@@ -73,10 +80,10 @@ def _register_hf() -> None:
 
 
 def wrap_model(model: torch.nn.Module, group=None, strategy: str = "tokenring", layout: str = "zigzag"):
-    """Swap the attention of `model` for ring attention over `group` (in place; returns the model).
+    """Swap the attention of `model` for sequence-parallel attention over `group` (in place; returns it).
 
     model: dist.models.Llama, or a transformers model using the attention interface.
-    strategy: "tokenring" | "ring" | "allgather" | "auto"; layout: "zigzag" | "contiguous".
+    strategy: "tokenring" | "ring" | "allgather" | "auto" | "ulysses"; layout: "zigzag" | "contiguous".
     """
     _check(strategy, layout)
     if hasattr(model, "set_attention") and hasattr(model, "layers"):  # dist.models.Llama

@@ -1,0 +1,111 @@
+"""Ulysses sequence parallelism (the DeepSpeed-Ulysses scheme): all-to-all from sequence shards to
+head shards, full-sequence attention on 1/P of the heads, all-to-all back.
+
+    out_local = ulysses_attention(q_local, k_local, v_local, causal=True, group=sp_group, layout="zigzag")
+
+q: [batch, local_seq, heads_q, dim], k/v: [batch, local_seq, heads_kv, dim], this rank's shard in
+`layout` (dist.ringattn.shard), exactly as ring_attention takes them; returns this rank's shard of
+attention over the whole sequence, differentiable in q, k and v (the backward runs the same
+all-to-alls in reverse). heads_q must be divisible by the group size P. K/V keep their heads when P
+divides heads_kv; otherwise they are repeated up to the fewest heads that P and heads_q both allow
+(GQA stays exact, at more bytes).
+
+Bytes per rank and step: forward (P-1)/P of q, k, v out and of out back; backward the same for
+dO out and dq, dk, dv back (dist.sim's "ulysses" schedule). Two all-to-alls per direction, no
+overlap with compute: Ulysses wins where heads divide P and links are fast for all-to-all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dist import comm
+from dist.kernels import attention
+from dist.ringattn import shard_positions
+
+
+class _AllToAll(torch.autograd.Function):
+    """x [P, ...]: slice i goes to rank i; the result's slice j came from rank j. The map is its own
+    adjoint, so the backward is the same all-to-all of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return comm.all_to_all(x, group, "ulysses")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_to_all(grad.contiguous(), ctx.group, "ulysses"), None
+
+
+def _row_orders(local_len: int, world: int, layout: str, device):
+    """(positions, order) for rows gathered in rank order (each rank's shard in `layout`): row j sits
+    at sequence position positions[j], and rows[:, order] is the sequence in order (so
+    ordered[:, positions] gives the rows back). None when they already are in order (contiguous)."""
+    if layout == "contiguous":
+        return None
+    seq = local_len * world
+    positions = torch.cat([shard_positions(seq, r, world, layout) for r in range(world)]).to(device)
+    return positions, torch.argsort(positions)
+
+
+def _to_heads(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
+    """[b, n, h, d] sequence shard -> [b, P*n, h/P, d] whole sequence (in order) for this rank's heads."""
+    b, n, h, d = x.shape
+    parts = x.reshape(b, n, world, h // world, d).permute(2, 0, 1, 3, 4)       # [P, b, n, h/P, d]
+    got = _AllToAll.apply(parts.contiguous(), group)                           # slot j: rank j's rows
+    full = got.permute(1, 0, 2, 3, 4).reshape(b, world * n, h // world, d)     # rank-major rows
+    return full if orders is None else full[:, orders[1]]
+
+
+def _to_sequence(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
+    """The inverse of _to_heads: [b, P*n, h/P, d] (in order) -> [b, n, h, d] this rank's shard."""
+    b, seq, hp, d = x.shape
+    n = seq // world
+    if orders is not None:
+        x = x[:, orders[0]]  # back to rank-major rows
+    parts = x.reshape(b, world, n, hp, d).permute(1, 0, 2, 3, 4)               # [P, b, n, h/P, d]
+    got = _AllToAll.apply(parts.contiguous(), group)                           # slot j: head group j
+    return got.permute(1, 2, 0, 3, 4).reshape(b, n, world * hp, d)
+
+
+def _kv_heads_for(heads_q: int, heads_kv: int, world: int) -> int:
+    """K/V heads to send: heads_kv when P divides it, else the fewest multiple of heads_kv that P
+    divides and that divides heads_q (at most heads_q)."""
+    if heads_kv % world == 0:
+        return heads_kv
+    h = heads_kv * world // math.gcd(heads_kv, world)  # lcm
+    return h if heads_q % h == 0 else heads_q
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, group=None,
+                      layout: str = "zigzag", softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention over a sequence sharded across `group` by head-scattering all-to-alls (see module doc).
+    Inputs that differ across ranks, or heads_q not divisible by the group size: the same ValueError
+    on every rank."""
+    import torch.distributed as dist
+
+    from dist.ringattn import _validate
+
+    if dist.is_initialized():
+        rank, world = comm.group_rank(group), comm.group_size(group)
+    else:
+        if group is not None:
+            raise ValueError("group: torch.distributed is not initialised")
+        rank, world = 0, 1
+    _validate(q, k, v, causal, "auto", layout, group, world, rank, what="ulysses_attention")
+    if world == 1:
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    heads_q, heads_kv = q.shape[2], k.shape[2]
+    if heads_q % world:  # shapes are equal on every rank now, so every rank raises this
+        raise ValueError(f"ulysses_attention: heads_q ({heads_q}) must be divisible by the group size ({world}); "
+                         "use a ring strategy (tokenring, ring, allgather) for this model")
+    kv_heads = _kv_heads_for(heads_q, heads_kv, world)
+    if kv_heads != heads_kv:
+        k, v = (x.repeat_interleave(kv_heads // heads_kv, dim=2) for x in (k, v))
+    orders = _row_orders(q.shape[1], world, layout, q.device)
+    qh, kh, vh = (_to_heads(x, group, world, orders) for x in (q, k, v))
+    out = attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale)
+    return _to_sequence(out, group, world, orders)
