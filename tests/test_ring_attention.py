@@ -24,6 +24,19 @@ def reference_attention(q, k, v, causal):
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 
 
+def reference_case(seed, batch, seq, hq, hkv, dim, causal):
+    """Random q, k, v (leaves; their .grad holds the float64 reference gradients) and dout, with the
+    float64 reference output, for one test case."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, hq, dim, generator=g, requires_grad=True)
+    k = torch.randn(batch, seq, hkv, dim, generator=g, requires_grad=True)
+    v = torch.randn(batch, seq, hkv, dim, generator=g, requires_grad=True)
+    dout = torch.randn(batch, seq, hq, dim, generator=g)
+    ref = reference_attention(q, k, v, causal)
+    (ref * dout.double()).sum().backward()
+    return q, k, v, dout, ref.detach()
+
+
 def tokenring_zigzag_causal_bytes(rank, world, n, q_row, lse_row):
     """TokenRing bytes sent by `rank` (forward, backward) for causal zigzag, from the schedule's definition.
 
@@ -56,13 +69,7 @@ def _correctness(rank, world):
     batch, local, dim = 2, 8, 8
     seq = local * world
     for i, (strategy, layout, causal, hq, hkv) in enumerate(CASES):
-        g = torch.Generator().manual_seed(i)
-        q = torch.randn(batch, seq, hq, dim, generator=g, requires_grad=True)
-        k = torch.randn(batch, seq, hkv, dim, generator=g, requires_grad=True)
-        v = torch.randn(batch, seq, hkv, dim, generator=g, requires_grad=True)
-        dout = torch.randn(batch, seq, hq, dim, generator=g)
-        ref = reference_attention(q, k, v, causal)
-        (ref * dout.double()).sum().backward()
+        q, k, v, dout, ref = reference_case(i, batch, seq, hq, hkv, dim, causal)
 
         mine = [shard(x.detach(), 1, rank, world, layout).requires_grad_() for x in (q, k, v)]
         comm.counters.reset()

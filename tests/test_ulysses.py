@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.multirank import run_ranks
-from tests.test_ring_attention import TOL, reference_attention
+from tests.test_ring_attention import TOL, reference_case
 
 CASES = {  # world -> [(layout, causal, heads_q, heads_kv)]
     2: [("zigzag", True, 4, 2), ("contiguous", False, 4, 4), ("zigzag", True, 4, 1), ("contiguous", True, 2, 2)],
@@ -27,13 +27,7 @@ def _correctness(rank, world):
     batch, local, dim = 2, 6, 8
     seq = local * world
     for i, (layout, causal, hq, hkv) in enumerate(CASES[world]):
-        g = torch.Generator().manual_seed(i)
-        q = torch.randn(batch, seq, hq, dim, generator=g, requires_grad=True)
-        k = torch.randn(batch, seq, hkv, dim, generator=g, requires_grad=True)
-        v = torch.randn(batch, seq, hkv, dim, generator=g, requires_grad=True)
-        dout = torch.randn(batch, seq, hq, dim, generator=g)
-        ref = reference_attention(q, k, v, causal)
-        (ref * dout.double()).sum().backward()
+        q, k, v, dout, ref = reference_case(i, batch, seq, hq, hkv, dim, causal)
 
         mine = [shard(x.detach(), 1, rank, world, layout).requires_grad_() for x in (q, k, v)]
         comm.counters.reset()
