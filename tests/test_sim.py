@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, LinkProfile, Workload, bytes_per_rank, choose_strategy,
                       load_link_profiles, predict, where_each_wins)
@@ -118,3 +119,32 @@ def test_allgather_rides_the_ring_rate_and_dkv_the_alltoall_rate():
     assert pa.fwd_s - compute_fwd == pytest.approx(3 * kv / 1e8, rel=1e-6)
     w2 = Workload(1, 1024, 8, 8, 64, 2, True, "zigzag", 4)
     assert predict("allgather", w2, slow_a2a, cpu).fwd_s > predict("allgather", w2, fast, cpu).fwd_s
+
+
+def test_auto_considers_ulysses_where_heads_divide():
+    """sp_attention's "auto" adds Ulysses to the candidates; on PCIe at 4K tokens per GPU with MHA over
+    4 ranks the model prefers it, and a ring strategy when heads do not divide the group."""
+    link = LINK_PROFILES["pcie-gen4"]
+    cands = ("tokenring", "ring", "allgather", "ulysses")
+    mha = dict(itemsize=2, link=link, compute=H100, candidates=cands)
+    assert choose_strategy((1, 4096, 32, 128), (1, 4096, 32, 128), 4, **mha) == "ulysses"
+    assert choose_strategy((1, 4096, 32, 128), (1, 4096, 32, 128), 4, itemsize=2, link=link,
+                           compute=H100) == "tokenring"  # ring strategies only (ring_attention's auto)
+    nvlink = dict(mha, link=LINK_PROFILES["nvlink-h100"])  # long sequences: TokenRing hides its messages
+    assert choose_strategy((1, 131072, 32, 128), (1, 131072, 32, 128), 4, **nvlink) == "tokenring"
+
+
+def _auto_pick(rank, world):
+    from dist.seqpar.wrap import _auto
+
+    q = torch.zeros(1, 64, 4, 8)
+    return _auto(q, torch.zeros(1, 64, 4, 8), True, None, "zigzag"), _auto(q, torch.zeros(1, 64, 1, 8), True, None,
+                                                                          "zigzag")
+
+
+def test_sp_auto_never_picks_ulysses_when_kv_heads_do_not_divide():
+    from tests.multirank import run_ranks
+
+    for picks in run_ranks(_auto_pick, 2, timeout_s=60):
+        assert picks[0] in ("tokenring", "ring", "allgather", "ulysses")
+        assert picks[1] == "auto"  # 1 K/V head over 2 ranks: left to ring_attention

@@ -17,12 +17,15 @@ dp x sp) completes them.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from dist.ringattn import LAYOUTS, STRATEGY_NAMES, ring_attention
 
 from .ulysses import ulysses_attention
+
+log = logging.getLogger(__name__)
 
 HF_ATTENTION_NAME = "dist_ring"
 SP_STRATEGIES = (*STRATEGY_NAMES, "ulysses")
@@ -37,11 +40,34 @@ def _check(strategy: str, layout: str) -> None:
 
 def sp_attention(q, k, v, *, causal=True, softmax_scale=None, group=None, strategy="tokenring", layout="zigzag"):
     """Sequence-parallel attention of this rank's shard: ring_attention, or ulysses_attention for
-    strategy "ulysses" (same arguments and layouts)."""
+    strategy "ulysses" (same arguments and layouts). "auto" picks from the dist.sim model among the
+    ring strategies and, when the group size divides both head counts, Ulysses."""
+    if strategy == "auto":
+        strategy = _auto(q, k, causal, group, layout)
     if strategy == "ulysses":
         return ulysses_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, layout=layout)
     return ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
                           strategy=strategy, layout=layout)
+
+
+def _auto(q, k, causal, group, layout) -> str:
+    """The strategy the dist.sim model prefers: Ulysses is a candidate when the group size divides
+    both head counts; otherwise "auto" (ring_attention chooses among the ring strategies and checks
+    the inputs). Every rank gets the same answer (ring_attention/ulysses_attention check that the
+    shapes agree across ranks)."""
+    import torch.distributed as dist
+
+    from dist import comm
+    from dist.sim import RING_STRATEGIES, choose_strategy
+
+    world = comm.group_size(group) if dist.is_initialized() else 1
+    if world == 1 or q.dim() != 4 or k.dim() != 4 or q.shape[2] % world or k.shape[2] % world:
+        return "auto"
+    pick = choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout, itemsize=q.element_size(),
+                           device_type=q.device.type, candidates=(*RING_STRATEGIES, "ulysses"))
+    log.debug("sp_attention: strategy='auto' picked %r (world %d, q %s, k %s)", pick, world,
+              tuple(q.shape), tuple(k.shape))
+    return pick
 
 
 def ring_attn_fn(group=None, strategy: str = "tokenring", layout: str = "zigzag"):

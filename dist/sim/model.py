@@ -394,8 +394,9 @@ def default_link(device_type: str = "cpu") -> LinkProfile:
 
 def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout: str = "zigzag",
                     itemsize: int = 4, device_type: str = "cpu", link: LinkProfile | None = None,
-                    compute: ComputeProfile | None = None) -> str:
-    """The ring strategy with the lowest modelled time (ties: fewest bytes, then tokenring first).
+                    compute: ComputeProfile | None = None, candidates=RING_STRATEGIES) -> str:
+    """The strategy among `candidates` with the lowest modelled time (ties: fewest bytes, then the
+    first candidate; tokenring leads the default ring strategies).
 
     q_shape: [batch, local_seq, heads_q, dim]; k_shape: [batch, local_seq, heads_kv, dim].
     link: default_link(device_type); compute: h100-bf16 for CUDA, cpu-1-thread otherwise.
@@ -406,7 +407,7 @@ def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout
     compute = compute or COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
     w = Workload(q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], world, causal, layout, itemsize,
                  diag_tail=diag_tail(device_type))
-    preds = [predict(s, w, link, compute) for s in RING_STRATEGIES]
+    preds = [predict(s, w, link, compute) for s in candidates]
     best = min(preds, key=lambda p: (round(p.total_s, 9), p.bytes_per_rank))
     return best.strategy
 
