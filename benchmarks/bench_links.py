@@ -25,8 +25,9 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
                    shifts / bytes moved (p N a shift)   (TCP stack, veth/bridge, shaping; /proc/stat)
 
 `exchange` checks the model's other assumption: a rank that sends to two peers
-shares one rate (true for one NIC per host, the switch topology; on the mesh
-topology each peer has its own link and exchange is faster than the model says).
+shares one rate (true for one NIC per host, the switch topology); on the mesh
+topology each peer has its own link, and the profiles say so (per_peer), so
+dist.sim charges each link separately.
 
 Run:
   python benchmarks/bench_links.py                                    # loopback, 4 ranks
@@ -175,8 +176,9 @@ def _machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def profiles_from_records(records, label, source):
-    """Reduce the measurements to one dist.sim link profile per group size."""
+def profiles_from_records(records, label, source, per_peer=False):
+    """Reduce the measurements to one dist.sim link profile per group size. per_peer: the links are a
+    mesh (a link per pair of hosts), which dist.sim charges per peer."""
     by = {(r["group_size"], r["pattern"], r["size"]): r for r in records}
     out = []
     for p in sorted({r["group_size"] for r in records}):
@@ -198,6 +200,7 @@ def profiles_from_records(records, label, source):
             "duplex": min(1.0, rate("shift", n) / send_bps),
             "alltoall_Bps": rate("alltoall", n_a2a * (p - 1) / p),
             "cpu_s_per_byte": busy / (p * n * shift["runs"]) if busy else 0.0,
+            "per_peer": per_peer,
             "group_size": p,
             "source": source,
         })
@@ -211,7 +214,7 @@ def _write(args, world, records):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = _machine()
     source = f"measured by benchmarks/bench_links.py on {setting} ({world} ranks), {when}, {machine}"
-    profiles = profiles_from_records(records, label, source)
+    profiles = profiles_from_records(records, label, source, per_peer=setting.get("topology") == "mesh")
     doc = {"profiles": profiles, "measurements": records, "setting": setting, "world_size": world,
            "bytes": args.bytes, "repeats": args.repeats, "date": when, "machine": machine,
            "definitions": __doc__[__doc__.index("For each group"):__doc__.index("Run:")]}
@@ -236,7 +239,8 @@ def _write(args, world, records):
         lines.append(f"| {p} | {pattern} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}-"
                      f"{r['max_s'] * 1e3:.2f} | {mbs:.1f} | {ratio} |")
     lines += ["", "shift_1g / shift: cost of both directions on one gloo group. exchange measured / model: "
-              "a rank sending N to next and N to prev, against dist.sim's 2N / (bandwidth * duplex).", "",
+              "a rank sending N to next and N to prev, against dist.sim's 2N / (bandwidth * duplex) through one NIC "
+              "(N / (bandwidth * duplex) per link on a mesh).", "",
               "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | CPU ms per MB moved | "
               "shift_1g / shift | exchange measured / model |", "|---|---|---|---|---|---|---|---|"]
     for prof in profiles:
@@ -244,7 +248,8 @@ def _write(args, world, records):
         t_shift = by[(p, "shift", "large")]["median_s"]
         one_group = by[(p, "shift_1g", "large")]["median_s"] / t_shift
         n = by[(p, "exchange", "large")]["bytes"]
-        model = 2 * prof["latency_s"] + 2 * n / (prof["bandwidth_Bps"] * prof["duplex"])
+        per_link = n if prof["per_peer"] else 2 * n  # bytes a rank's one NIC, or each of its links, carries
+        model = 2 * prof["latency_s"] + per_link / (prof["bandwidth_Bps"] * prof["duplex"])
         exch = by[(p, "exchange", "large")]["median_s"] / model
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "
                      f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['cpu_s_per_byte'] * 1e9:.2f} | "

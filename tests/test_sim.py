@@ -19,11 +19,13 @@ def test_builtin_and_loaded_profiles(tmp_path):
     path = tmp_path / "links.json"
     path.write_text(json.dumps({"profiles": [
         {"name": "veth-1g", "bandwidth_Bps": 1.2e8, "latency_s": 1e-4, "duplex": 0.9, "alltoall_Bps": 1e8,
-         "group_size": 2, "source": "measured"},
+         "group_size": 2, "source": "measured", "cpu_s_per_byte": 2e-9, "per_peer": True},
         {"name": "plain", "bandwidth_Bps": 1e9, "latency_s": 1e-5}]}))
     links = load_link_profiles(path)
     assert links["veth-1g"].duplex == 0.9 and links["veth-1g"].alltoall_Bps == 1e8
+    assert links["veth-1g"].cpu_s_per_byte == 2e-9 and links["veth-1g"].per_peer
     assert links["plain"].duplex == 1.0 and links["plain"].alltoall_Bps is None
+    assert links["plain"].cpu_s_per_byte == 0.0 and not links["plain"].per_peer
     path.write_text(json.dumps({"profiles": [{"name": "x"}]}))
     with pytest.raises(ValueError, match="bandwidth_Bps"):
         load_link_profiles(path)
@@ -148,3 +150,16 @@ def test_sp_auto_never_picks_ulysses_when_kv_heads_do_not_divide():
     for picks in run_ranks(_auto_pick, 2, timeout_s=60):
         assert picks[0] in ("tokenring", "ring", "allgather", "ulysses")
         assert picks[1] == "auto"  # 1 K/V head over 2 ranks: left to ring_attention
+
+
+def test_per_peer_links_carry_messages_to_different_peers_at_once():
+    """On a mesh (a link per pair) the KV ring, which talks to one peer per direction, costs the same
+    as behind one NIC; TokenRing at P >= 3 sends Q to prev and results to their owner in one step,
+    which separate links carry at once."""
+    from dataclasses import replace
+
+    w = Workload(1, 4096, 32, 32, 128, 4, True, "zigzag", 2)
+    nic = LinkProfile("nic", 1e9, 1e-5, 1.0)
+    mesh = replace(nic, name="mesh", per_peer=True)
+    assert predict("ring", w, mesh, H100).total_s == pytest.approx(predict("ring", w, nic, H100).total_s)
+    assert predict("tokenring", w, mesh, H100).total_s < 0.9 * predict("tokenring", w, nic, H100).total_s

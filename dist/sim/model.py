@@ -40,7 +40,9 @@ class LinkProfile:
     both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
     alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex);
     cpu_s_per_byte: host CPU seconds spent per byte carried (both ends together) while it travels,
-    taken from the cores the ranks compute on when they share a host (0 for DMA/RDMA links).
+    taken from the cores the ranks compute on when they share a host (0 for DMA/RDMA links);
+    per_peer: every pair of ranks has its own link (a mesh of cables, the testbed's mesh), so a
+    rank's messages to different peers do not share a rate; False: one NIC per rank (a switch).
     """
 
     name: str
@@ -50,12 +52,23 @@ class LinkProfile:
     alltoall_Bps: float | None = None
     source: str = ""
     cpu_s_per_byte: float = 0.0
+    per_peer: bool = False
 
     def transfer_s(self, sent: float, recv: float, messages: int) -> float:
         if not sent and not recv:
             return 0.0
         rate = self.bandwidth_Bps * (self.duplex if sent and recv else 1.0)
         return messages * self.latency_s + max(sent, recv) / rate
+
+    def step_s(self, pairs: dict, rank: int, messages: int) -> float:
+        """Time for `rank`'s messages of one step; pairs: {(src, dst): bytes} of every rank."""
+        if not self.per_peer:
+            sent = sum(b for (src, _), b in pairs.items() if src == rank)
+            recv = sum(b for (_, dst), b in pairs.items() if dst == rank)
+            return self.transfer_s(sent, recv, messages)
+        peers = {d for (s, d) in pairs if s == rank} | {s for (s, d) in pairs if d == rank}
+        links = (self.transfer_s(pairs.get((rank, q), 0), pairs.get((q, rank), 0), 0) for q in peers)
+        return messages * self.latency_s + max(links, default=0.0)
 
     def alltoall_s(self, sent: float, messages: int) -> float:
         rate = self.alltoall_Bps or self.bandwidth_Bps * self.duplex
@@ -113,7 +126,7 @@ COMPUTE_PROFILES = {
 
 def load_link_profiles(path) -> dict[str, LinkProfile]:
     """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps",
-    "cpu_s_per_byte", ...}, ...]} (duplex, alltoall_Bps and cpu_s_per_byte optional)."""
+    "cpu_s_per_byte", "per_peer", ...}, ...]} (all but the first three optional)."""
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
@@ -125,7 +138,8 @@ def load_link_profiles(path) -> dict[str, LinkProfile]:
                 name=entry["name"], bandwidth_Bps=float(entry["bandwidth_Bps"]), latency_s=float(entry["latency_s"]),
                 duplex=float(entry.get("duplex", 1.0)),
                 alltoall_Bps=None if entry.get("alltoall_Bps") is None else float(entry["alltoall_Bps"]),
-                source=str(entry.get("source", "")), cpu_s_per_byte=float(entry.get("cpu_s_per_byte", 0.0)))
+                source=str(entry.get("source", "")), cpu_s_per_byte=float(entry.get("cpu_s_per_byte", 0.0)),
+                per_peer=bool(entry.get("per_peer", False)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: profile {i} lacks or mistypes a field: {e}") from None
     return out
@@ -182,12 +196,14 @@ class Workload:
 
 @dataclass
 class Step:
-    """One step of a schedule: per-rank flops (forward-equivalent x factor), bytes sent/received, messages."""
+    """One step of a schedule: per-rank flops (forward-equivalent x factor), bytes sent/received, messages;
+    pairs: {(src, dst): bytes} of the point-to-point messages (what per-peer links need)."""
 
     flops: list = field(default_factory=list)
     sent: list = field(default_factory=list)
     recv: list = field(default_factory=list)
     messages: list = field(default_factory=list)
+    pairs: dict = field(default_factory=dict)
     overlapped: bool = True  # False: a collective that neither overlaps nor is overlapped
     collective: str = "all_to_all"  # when not overlapped: "all_to_all", or "all_gather" (a ring, as gloo runs it)
 
@@ -198,6 +214,7 @@ def _new_step(p: int) -> Step:
 
 def _send(step: Step, src: int, dst: int, nbytes: int) -> None:
     if nbytes:
+        step.pairs[(src, dst)] = step.pairs.get((src, dst), 0) + nbytes
         step.sent[src] += nbytes
         step.recv[dst] += nbytes
         step.messages[src] += 1
@@ -347,7 +364,7 @@ def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backwar
         comp = compute.step_compute_s(s.flops, backward)
         if s.overlapped:  # the step's bytes cost host CPU while its compute runs
             loaded = compute.step_compute_s(s.flops, backward, link.cpu_s_per_byte * sum(s.sent))
-            comm = max(link.transfer_s(s.sent[r], s.recv[r], s.messages[r]) for r in range(len(s.flops)))
+            comm = max(link.step_s(s.pairs, r, s.messages[r]) for r in range(len(s.flops)))
             total += max(loaded, comm)
         else:  # a blocking collective: its measured rate already includes its CPU cost
             # gloo's all-gather is a ring: a rank sends to next while it receives from prev (a shift);
