@@ -22,7 +22,8 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
                                                        once, as a fraction of one-way
   alltoall_Bps  = N (p-1)/p / (t_alltoall - latency)   bytes leaving a rank per second
   cpu_s_per_byte = busy CPU s of the machine during the  what moving a byte costs the cores
-                   shifts / bytes moved (p N a shift)   (TCP stack, veth/bridge, shaping; /proc/stat)
+                   shifts, less its idle load over the   (TCP stack, veth/bridge, shaping; /proc/stat)
+                   same time, / bytes moved (p N each)
 
 `exchange` checks the model's other assumption: a rank that sends to two peers
 shares one rate (true for one NIC per host, the switch topology); on the mesh
@@ -95,6 +96,13 @@ def _measure(args):
 
     n_elems = max(1, args.bytes // 4)
     records = []
+    # what the machine keeps busy with while nothing moves (other processes, timers), to subtract
+    dist.barrier()
+    busy0, wall0 = host_cpu_busy_s(), time.perf_counter()
+    time.sleep(1.0)
+    busy1 = host_cpu_busy_s()
+    idle_busy = None if busy0 is None else (busy1 - busy0) / (time.perf_counter() - wall0)
+    dist.barrier()
     for p in sizes:
         g = groups[p]
         member = rank < p
@@ -137,7 +145,7 @@ def _measure(args):
                 times = []
                 if member:
                     run = pattern(name, numel)
-                busy0 = host_cpu_busy_s()
+                busy0, wall0 = host_cpu_busy_s(), time.perf_counter()
                 for i in range(args.warmup + args.repeats):
                     if member:
                         dist.barrier(group=g["ctrl"])
@@ -147,13 +155,14 @@ def _measure(args):
                         dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=g["ctrl"])
                         if i >= args.warmup:
                             times.append(dt.item())
-                busy1 = host_cpu_busy_s()
+                busy1, wall1 = host_cpu_busy_s(), time.perf_counter()
                 if rank == 0:
                     records.append({"group_size": p, "pattern": name, "size": label, "bytes": numel * 4,
                                     "median_s": statistics.median(times),
                                     "min_s": min(times), "max_s": max(times),
                                     "runs": args.warmup + args.repeats,
-                                    "busy_cpu_s": None if busy0 is None else busy1 - busy0})
+                                    "busy_cpu_s": None if busy0 is None else busy1 - busy0,
+                                    "wall_s": wall1 - wall0, "idle_busy_cores": idle_busy})
         dist.barrier()
     if rank == 0:
         _write(args, world, records)
@@ -193,6 +202,8 @@ def profiles_from_records(records, label, source, per_peer=False):
         send_bps = rate("send", n)
         shift = by[(p, "shift", "large")]
         busy = shift.get("busy_cpu_s")
+        if busy is not None and shift.get("idle_busy_cores") is not None:  # less the machine's idle load
+            busy = max(0.0, busy - shift["idle_busy_cores"] * shift["wall_s"])
         out.append({
             "name": f"{label}-p{p}",
             "bandwidth_Bps": send_bps,

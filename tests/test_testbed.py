@@ -179,7 +179,8 @@ def test_probe_profiles_from_measurements():
 
     def rec(pattern, seconds, size="large", nbytes=n, busy=None):
         return {"group_size": 2, "pattern": pattern, "size": size, "bytes": nbytes, "median_s": seconds,
-                "min_s": seconds, "max_s": seconds, "runs": 4, "busy_cpu_s": busy}
+                "min_s": seconds, "max_s": seconds, "runs": 4, "busy_cpu_s": busy, "wall_s": 2.0,
+                "idle_busy_cores": 0.05}
 
     records = [rec("shift", lat, "small", 64), rec("send", lat + n / 100e6), rec("shift", lat + n / 80e6, busy=0.5),
                rec("alltoall", lat + n / 2 / 50e6), rec("exchange", 0.1), rec("shift_1g", 0.2)]
@@ -188,4 +189,6 @@ def test_probe_profiles_from_measurements():
     assert prof["latency_s"] == pytest.approx(lat)
     assert prof["duplex"] == pytest.approx(0.8)
     assert prof["alltoall_Bps"] == pytest.approx(50e6)
-    assert prof["cpu_s_per_byte"] == pytest.approx(0.5 / (2 * n * 4))  # 2 ranks each moved n, 4 runs
+    # the machine's idle load over the 2 s is subtracted; 2 ranks each moved n, 4 runs
+    assert prof["cpu_s_per_byte"] == pytest.approx((0.5 - 0.05 * 2.0) / (2 * n * 4))
+    assert prof["per_peer"] is False
