@@ -77,6 +77,13 @@ def test_parse_and_validation():
     tb = Testbed(hosts=2, rate="1gbit")
     assert tb._burst_bytes(1e9) == 1e9 / 8 / 1000
     assert tb._burst_bytes(1e6) == 32 * 1024
+    # default send buffer cap: 40 ms of the link, within [64 KiB, 4 MiB]
+    assert tb._sndbuf_bytes(200e6) == 1_000_000
+    assert tb._sndbuf_bytes(1e6) == 64 << 10 and tb._sndbuf_bytes(10e9) == 4 << 20
+    assert Testbed(hosts=2, sndbuf=None)._sndbuf_bytes(200e6) is None
+    assert Testbed(hosts=2, sndbuf="256kb")._sndbuf_bytes(200e6) == 256 * 1024
+    with pytest.raises(ValueError, match="sndbuf"):
+        Testbed(hosts=2, sndbuf="lots")
 
 
 def test_not_root_message(monkeypatch):
@@ -96,6 +103,10 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
     rate = 200e6
     with Testbed(hosts=2, rate="200mbit", prefix=PREFIX) as tb:
         assert list_namespaces(PREFIX) == [f"{PREFIX}br", f"{PREFIX}h0", f"{PREFIX}h1"]
+        for h in range(2):  # the send buffer cap is set inside the hosts only
+            wmem = subprocess.run(tb.exec_argv(h, ["sysctl", "-n", "net.ipv4.tcp_wmem"]), capture_output=True,
+                                  text=True, check=True).stdout.split()
+            assert int(wmem[2]) == tb._sndbuf_bytes(rate), wmem
         # Plain TCP, each direction. The shaper counts Ethernet frames, so the TCP payload
         # rate is ~96% of the setting; 20% is the accepted band.
         for src, dst in ((0, 1), (1, 0)):
