@@ -21,9 +21,11 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
   duplex        = t_send / t_shift                     rate while sending and receiving at
                                                        once, as a fraction of one-way
   alltoall_Bps  = N (p-1)/p / (t_alltoall - latency)   bytes leaving a rank per second
-  cpu_s_per_byte = busy CPU s of the machine during the  what moving a byte costs the cores
-                   shifts, less its idle load over the   (TCP stack, veth/bridge, shaping; /proc/stat)
-                   same time, / bytes moved (p N each)
+  cpu_s_per_byte = compute time lost while a shift is   what moving a byte costs compute that
+                   in flight x cores / bytes moved       shares the machine's cores (TCP stack,
+                   (the interference pattern)            veth/bridge, shaping, caches)
+  busy_cpu_s_per_byte = the machine's busy CPU s during  the same seen in /proc/stat (a lower bound)
+                   shifts less its idle load / bytes
 
 `exchange` checks the model's other assumption: a rank that sends to two peers
 shares one rate (true for one NIC per host, the switch topology); on the mesh
@@ -46,6 +48,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,11 +166,56 @@ def _measure(args):
                                     "runs": args.warmup + args.repeats,
                                     "busy_cpu_s": None if busy0 is None else busy1 - busy0,
                                     "wall_s": wall1 - wall0, "idle_busy_cores": idle_busy})
+        if member:
+            rec = _interference(args, g, p, rank, n_elems, pattern("shift", n_elems))
+            if rank == 0:
+                records.append(rec)
         dist.barrier()
     if rank == 0:
         _write(args, world, records)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _interference(args, g, p, rank, n_elems, shift) -> dict:
+    """How much a shift's traffic (every member sends N to next) slows compute running beside it on
+    the same machine: the host CPU that moving bytes takes (TCP stack, veth/bridge, shaping, cache
+    pollution). Each rank times small matmuls alone, then keeps doing them while a shift is in
+    flight; lost = transfer time - ops done x time per op alone. cpu_s_per_byte = mean lost per rank
+    x cores / bytes moved: what dist.sim charges to overlapped compute when ranks share the cores."""
+    import torch
+    import torch.distributed as dist
+
+    a = torch.randn(128, 128)
+    per_op, lost, during = [], [], []
+    for i in range(args.warmup + args.repeats):
+        dist.barrier(group=g["ctrl"])
+        t0 = time.perf_counter()
+        for _ in range(100):
+            torch.mm(a, a)
+        t_op = (time.perf_counter() - t0) / 100
+        dist.barrier(group=g["ctrl"])
+        mover = threading.Thread(target=shift)  # posts the shift's isend/irecv and waits for them
+        ops, t0 = 0, time.perf_counter()
+        mover.start()
+        while mover.is_alive():
+            torch.mm(a, a)
+            ops += 1
+        t = time.perf_counter() - t0
+        mover.join()
+        if i >= args.warmup:
+            per_op.append(t_op)
+            during.append(t)
+            lost.append(max(0.0, t - ops * t_op))
+    mean_lost = torch.tensor([statistics.median(lost)], dtype=torch.float64)
+    dist.all_reduce(mean_lost, group=g["ctrl"])
+    mean_lost = mean_lost.item() / p
+    cores = os.cpu_count() or 1
+    nbytes = n_elems * 4
+    return {"group_size": p, "pattern": "interference", "size": "large", "bytes": nbytes,
+            "op_s": statistics.median(per_op), "transfer_s": statistics.median(during),
+            "mean_lost_s": mean_lost, "cores": cores,
+            "cpu_s_per_byte": mean_lost * cores / (p * nbytes)}
 
 
 def cpu_model() -> str:
@@ -204,13 +252,18 @@ def profiles_from_records(records, label, source, per_peer=False):
         busy = shift.get("busy_cpu_s")
         if busy is not None and shift.get("idle_busy_cores") is not None:  # less the machine's idle load
             busy = max(0.0, busy - shift["idle_busy_cores"] * shift["wall_s"])
+        interference = by.get((p, "interference", "large"))
         out.append({
             "name": f"{label}-p{p}",
             "bandwidth_Bps": send_bps,
             "latency_s": lat,
             "duplex": min(1.0, rate("shift", n) / send_bps),
             "alltoall_Bps": rate("alltoall", n_a2a * (p - 1) / p),
-            "cpu_s_per_byte": busy / (p * n * shift["runs"]) if busy else 0.0,
+            # what overlapped compute loses per byte moved: measured directly when the probe ran the
+            # interference pattern, else the machine's busy CPU time per byte (a lower bound)
+            "cpu_s_per_byte": (interference["cpu_s_per_byte"] if interference
+                               else busy / (p * n * shift["runs"]) if busy else 0.0),
+            "busy_cpu_s_per_byte": busy / (p * n * shift["runs"]) if busy else 0.0,
             "per_peer": per_peer,
             "group_size": p,
             "source": source,
@@ -240,7 +293,7 @@ def _write(args, world, records):
              "| p | pattern | median ms | min-max ms | MB/s per rank per direction | / link setting |",
              "|---|---|---|---|---|---|"]
     for (p, pattern, size), r in sorted(by.items()):
-        if size != "large":
+        if size != "large" or pattern == "interference":
             continue
         lat = by[(p, "shift", "small")]["median_s"]
         nbytes = r["bytes"] * (p - 1) / p if pattern == "alltoall" else r["bytes"]
@@ -252,6 +305,7 @@ def _write(args, world, records):
     lines += ["", "shift_1g / shift: cost of both directions on one gloo group. exchange measured / model: "
               "a rank sending N to next and N to prev, against dist.sim's 2N / (bandwidth * duplex) through one NIC "
               "(N / (bandwidth * duplex) per link on a mesh).", "",
+              "CPU ms per MB moved: compute lost beside a shift x cores / bytes (busy CPU in /proc/stat in brackets).", "",
               "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | CPU ms per MB moved | "
               "shift_1g / shift | exchange measured / model |", "|---|---|---|---|---|---|---|---|"]
     for prof in profiles:
@@ -263,7 +317,8 @@ def _write(args, world, records):
         model = 2 * prof["latency_s"] + per_link / (prof["bandwidth_Bps"] * prof["duplex"])
         exch = by[(p, "exchange", "large")]["median_s"] / model
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "
-                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['cpu_s_per_byte'] * 1e9:.2f} | "
+                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['cpu_s_per_byte'] * 1e9:.2f} "
+                     f"({prof['busy_cpu_s_per_byte'] * 1e9:.2f}) | "
                      f"{one_group:.2f} | {exch:.2f} |")
     md = "\n".join(lines) + "\n"
     with open(args.markdown or os.path.splitext(args.json)[0] + ".md", "w") as f:

@@ -202,4 +202,10 @@ def test_probe_profiles_from_measurements():
     assert prof["alltoall_Bps"] == pytest.approx(50e6)
     # the machine's idle load over the 2 s is subtracted; 2 ranks each moved n, 4 runs
     assert prof["cpu_s_per_byte"] == pytest.approx((0.5 - 0.05 * 2.0) / (2 * n * 4))
+    assert prof["busy_cpu_s_per_byte"] == prof["cpu_s_per_byte"]
     assert prof["per_peer"] is False
+    # the interference pattern, when measured, is what the model gets
+    interference = {"group_size": 2, "pattern": "interference", "size": "large", "bytes": n,
+                    "cpu_s_per_byte": 3e-9}
+    (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
+    assert prof["cpu_s_per_byte"] == 3e-9 and prof["per_peer"] is True
