@@ -144,7 +144,7 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
         assert prof.duplex >= 0.65, prof
         assert 0 < prof.latency_s < 0.01, prof
         patterns = {r["pattern"] for r in json.loads(links.read_text())["measurements"]}
-        assert patterns == {"send", "shift", "exchange", "alltoall", "shift_1g"}
+        assert patterns == {"send", "shift", "exchange", "alltoall", "shift_1g", "interference"}
         # a stray process left inside (as after a crash) must not stop teardown
         subprocess.Popen(tb.exec_argv(0, [sys.executable, "-c", "import time; time.sleep(300)"]),
                          start_new_session=True)
@@ -180,7 +180,8 @@ def test_link_probe_on_loopback(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["profiles"][0]["group_size"] == 2
     assert prof.cpu_s_per_byte == doc["profiles"][0]["cpu_s_per_byte"] >= 0  # read back as the model uses it
-    assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "shift_1g"}
+    assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "shift_1g",
+                                                           "interference"}
     assert out.with_suffix(".md").exists()
 
 
