@@ -2,10 +2,15 @@
 
 A folder holds:
     config.json, model*.safetensors   the model in Hugging Face format (dist.models.save_hf)
-    optimizer.pt                      AdamW state (replicated under data parallelism: rank 0 writes it)
+    optimizer.pt                      train.engine = "torch": AdamW state (replicated: rank 0 writes it)
+    optimizer-rank{R}.pt              train.engine = "deepspeed": each rank's ZeRO partition (AdamW state
+                                      and fp32 master weights of its slice)
     rng-rank{R}.pt                    each rank's CPU (and CUDA) RNG state
-    state.json                        step, data position, world size; written last: its presence
-                                      marks the folder complete
+    state.json                        step, data position, world size, engine (and zero stage); written
+                                      last: its presence marks the folder complete
+
+The optimizer side goes through the engine's hooks (dist.engine); `save`
+and `load` take the engine.
 
 Every rank writes into `step-N.tmp/`; after a barrier rank 0 writes
 state.json and renames the folder to `step-N/`, so a crash mid-save leaves
@@ -53,8 +58,9 @@ def _rng_state() -> dict:
     return state
 
 
-def save(root: str, step: int, model, optimizer, *, rank: int, world_size: int, extra: dict | None = None) -> str:
-    """Collective: every rank calls it. Returns the final folder path."""
+def save(root: str, step: int, model, engine, *, rank: int, world_size: int, extra: dict | None = None) -> str:
+    """Collective: every rank calls it. `engine`: the dist.engine engine holding the optimizer.
+    Returns the final folder path."""
     from dist.models import save_hf
 
     final = step_dir(root, step)
@@ -63,13 +69,13 @@ def save(root: str, step: int, model, optimizer, *, rank: int, world_size: int, 
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf(model, tmp)  # creates tmp/
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     dist.barrier()
+    engine.save_optimizer(tmp, rank)
     torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         state = {"format_version": FORMAT_VERSION, "step": step, "data_position": step,
-                 "world_size": world_size, **(extra or {})}
+                 "world_size": world_size, **engine.checkpoint_meta(), **(extra or {})}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
         if os.path.exists(final):  # saving the same step again: replace it
@@ -88,8 +94,10 @@ def resolve(resume: str, root: str) -> str | None:
     return resume
 
 
-def load(path: str, model, optimizer, *, rank: int, world_size: int) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; returns state.json's dict."""
+def load(path: str, model, engine, *, rank: int, world_size: int) -> dict:
+    """Restore model, optimizer state (through `engine`, the dist.engine engine) and this rank's RNG from
+    `path`; returns state.json's dict. A checkpoint this run cannot resume (incomplete, other engine, other
+    world size under ZeRO) is a ValueError on every rank before anything is loaded."""
     from dist.models import load_hf
 
     state_file = os.path.join(path, "state.json")
@@ -106,15 +114,13 @@ def load(path: str, model, optimizer, *, rank: int, world_size: int) -> dict:
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {state.get('format_version')}, "
                          f"this build reads {FORMAT_VERSION}")
-    opt_file = os.path.join(path, "optimizer.pt")
-    if not os.path.isfile(opt_file):
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt: no optimizer.pt")
+    engine.check_resume(path, state, world_size)
     loaded = load_hf(path)
     try:
         model.load_state_dict(loaded.state_dict())
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match the configured model: {str(e).splitlines()[0]}") from None
-    optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+    engine.load_optimizer(path, rank, state)
     rng_file = os.path.join(path, f"rng-rank{rank}.pt")
     if state.get("world_size") == world_size and os.path.isfile(rng_file):
         rng = torch.load(rng_file, weights_only=True)

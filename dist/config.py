@@ -54,6 +54,8 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm; 0 disables clipping
     seed: int = 0
     deterministic: bool = False   # bit-identical runs (deterministic algorithms, fixed reduction order)
+    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (DeepSpeed ZeRO, dist[deepspeed])
+    zero_stage: int = 2           # ZeRO stage with engine = "deepspeed": 1 (optimizer state) | 2 (+ gradients)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.kind": ("synthetic", "jsonl"),
+    "train.engine": ("torch", "deepspeed"),
     "sp.strategy": ("tokenring", "ring", "allgather", "auto", "ulysses"),
     "sp.layout": ("zigzag", "contiguous"),
     "log.level": ("debug", "info", "warning"),
@@ -191,6 +194,16 @@ def _coerce(key: str, value, typ):
 
 # ---------------------------------------------------------------- validation
 
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed is installed (found without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no process group. Raises ConfigError naming the key."""
     for key, allowed in CHOICES.items():
@@ -198,6 +211,14 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {list(allowed)}, got {value!r}")
+    if cfg.train.zero_stage == 3:
+        raise ConfigError("config key 'train.zero_stage' = 3 is not supported: stage 3 partitions the parameters, "
+                          "which the Hugging Face checkpoints and sequence-parallel wrapping need whole; use 1 or 2")
+    if cfg.train.zero_stage not in (1, 2):
+        raise ConfigError(f"config key 'train.zero_stage' must be 1 or 2, got {cfg.train.zero_stage!r}")
+    if cfg.train.engine == "deepspeed" and not deepspeed_available():
+        raise ConfigError("config key 'train.engine' = \"deepspeed\" needs DeepSpeed, which is not installed: "
+                          "pip install 'dist[deepspeed]'")
     positive = {
         "data.seq_len_min": cfg.data.seq_len_min, "data.seq_len_max": cfg.data.seq_len_max,
         "data.tokens_per_step": cfg.data.tokens_per_step, "train.steps": cfg.train.steps,

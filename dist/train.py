@@ -3,9 +3,10 @@
 Per step: the global batch (a pure function of seed and step) is dealt to the
 data-parallel groups, balancing tokens; each group runs its sequences one by
 one (sharded over its sequence-parallel ranks when sp.degree > 1) and
-accumulates gradients of sum(token losses) / global target count; one
-all-reduce over all ranks sums them (that sum also adds up the per-shard
-gradients of a sequence-parallel group); then clipping and AdamW.
+accumulates gradients of sum(token losses) / global target count; the
+engine (dist.engine, `train.engine`) sums them over all ranks (that sum also
+adds up the per-shard gradients of a sequence-parallel group), clips and
+steps AdamW: "torch" with one flat all-reduce, "deepspeed" through ZeRO.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from dist import checkpoint
 from dist.config import Config
 from dist.data import make_dataset, split_for_dp
+from dist.engine import make_engine
 from dist.runtime import Runtime
 
 log = logging.getLogger("dist.train")
@@ -59,20 +61,8 @@ def build_model(cfg: Config, device):
     return model
 
 
-def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Sum gradients over all ranks in one flat buffer (missing grads count as zero)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
 class SequenceRunner:
-    """Runs one sequence (forward + backward) on this rank's slice of it."""
+    """Runs one sequence (forward + backward through the engine) on this rank's slice of it."""
 
     def __init__(self, model, rt: Runtime, cfg: Config):
         self.model, self.rt, self.sp = model, rt, rt.mesh.sp
@@ -84,8 +74,11 @@ class SequenceRunner:
             self.shard = shard
             self.model = wrap_model(model, group=rt.sp_group, strategy=cfg.sp.strategy, layout=self.layout)
 
-    def __call__(self, seq: torch.Tensor, recall: torch.Tensor, n_global: int) -> tuple[float, float, int]:
-        """seq: [len] tokens. Returns (loss sum, recall-loss sum, recall count) of this rank's targets."""
+    def __call__(self, engine, seq: torch.Tensor, recall: torch.Tensor, n_global: int, *, last: bool,
+                 weight: float = 1.0) -> tuple[float, float, int]:
+        """seq: [len] tokens. Returns (loss sum, recall-loss sum, recall count) of this rank's targets.
+        `last`: the step's last backward on this rank; `weight` 0 runs a pass that adds zero gradients
+        (engines that need the same number of passes on every rank)."""
         dev = self.rt.device
         inputs, labels = seq[:-1], seq[1:].clone()
         positions = torch.arange(len(inputs))
@@ -100,9 +93,12 @@ class SequenceRunner:
             r, w = self.rt.sp_index, self.sp
             inputs, labels, positions, recall = (self.shard(x, 0, r, w, self.layout)
                                                  for x in (inputs, labels, positions, recall))
-        logits = self.model(input_ids=inputs[None].to(dev), position_ids=positions[None].to(dev))
+        logits = engine.forward(input_ids=inputs[None].to(dev), position_ids=positions[None].to(dev))
         losses = F.cross_entropy(logits[0].float(), labels.to(dev), ignore_index=IGNORE, reduction="none")
-        (losses.sum() / n_global).backward()
+        loss = losses.sum() / n_global
+        engine.backward(loss if weight == 1.0 else loss * weight, last=last)
+        if weight == 0.0:
+            return 0.0, 0.0, 0
         recall = recall.to(dev)
         return losses.sum().item(), losses[recall].sum().item(), int(recall.sum())
 
@@ -140,87 +136,87 @@ def train(cfg: Config) -> dict:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         seed_everything(cfg.train.seed, rt.rank)
         model = build_model(cfg, rt.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.train.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.train.lr, betas=tuple(cfg.train.betas), foreach=False)
-        start = 0
-        resume_from = checkpoint.resolve(cfg.checkpoint.resume, cfg.checkpoint.dir)
-        if resume_from:
-            state = checkpoint.load(resume_from, model, optimizer, rank=rt.rank, world_size=rt.world_size)
-            start = state["step"]
-            if rt.is_main:
-                log.info("resumed from %s at step %d", resume_from, start)
-        tokenizer = None
-        if cfg.data.kind == "jsonl":
-            from dist.models import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.model.path or None)
-        data = make_dataset(cfg, model.config.vocab_size, tokenizer)
-        runner = SequenceRunner(model, rt, cfg)
-
-        metrics_file = None
-        if rt.is_main:
-            os.makedirs(cfg.log.dir, exist_ok=True)
-            metrics_file = open_metrics(os.path.join(cfg.log.dir, "metrics.jsonl"), start)
-            log.info("%s | model %.2fM params | %d steps from %d | %d tokens/step",
-                     rt, sum(p.numel() for p in params) / 1e6, cfg.train.steps, start, cfg.data.tokens_per_step)
-        bar = None
-        if rt.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
-                       disable=None)
-        last = {}
-        saved = None
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        runner = SequenceRunner(model, rt, cfg)  # wraps the model's attention (in place) when sp.degree > 1
+        engine = make_engine(cfg, model, rt)
         try:
-            for step in range(start, cfg.train.steps):
-                t0 = time.perf_counter()
-                batch = data.batch(step)
-                n_global = batch.num_targets
-                mine = split_for_dp([len(s) for s in batch.seqs], rt.mesh.dp)[rt.dp_index]
-                sums = torch.zeros(3, dtype=torch.float64)
-                for i in mine:
-                    sums += torch.tensor(runner(batch.seqs[i], batch.recall_masks[i], n_global),
-                                         dtype=torch.float64)
-                all_reduce_grads(params)
-                dist.all_reduce(sums)  # loss sums over every rank's targets
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                             if cfg.train.grad_clip > 0 else torch.tensor(float("nan")))
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                loss = sums[0].item() / n_global
-                last = {"step": step + 1, "loss": loss, "tokens": n_global,
-                        "tokens_per_s": n_global / dt, "step_s": dt, "lr": lr,
-                        "grad_norm": float(grad_norm), "sequences": len(batch.seqs),
-                        "recall_loss": sums[1].item() / sums[2].item() if sums[2] > 0 else None,
-                        "mem_mb": memory_mb(rt.device)}
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step + 1}")
-                if rt.is_main and ((step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps):
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                    mem=f"{last['mem_mb']:.0f}MB", refresh=False)
-                if bar:
-                    bar.update(1)
-                done = step + 1 == cfg.train.steps
-                if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done):
-                    saved = checkpoint.save(cfg.checkpoint.dir, step + 1, model, optimizer, rank=rt.rank,
-                                            world_size=rt.world_size)
+            return _train(cfg, rt, model, engine, runner, n_params)
         finally:
-            if bar:
-                bar.close()
-            if metrics_file:
-                metrics_file.close()
+            engine.close()
+
+
+def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_params: int) -> dict:
+    start = 0
+    resume_from = checkpoint.resolve(cfg.checkpoint.resume, cfg.checkpoint.dir)
+    if resume_from:
+        state = checkpoint.load(resume_from, model, engine, rank=rt.rank, world_size=rt.world_size)
+        start = state["step"]
         if rt.is_main:
-            log.info("done: step %s loss %.4f%s", last.get("step", start), last.get("loss", float("nan")),
-                     f" | checkpoint {saved}" if saved else "")
-        return {**last, "checkpoint": saved, "model": model, "optimizer": optimizer}
+            log.info("resumed from %s at step %d", resume_from, start)
+    tokenizer = None
+    if cfg.data.kind == "jsonl":
+        from dist.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.path or None)
+    data = make_dataset(cfg, model.config.vocab_size, tokenizer)
+
+    metrics_file = None
+    if rt.is_main:
+        os.makedirs(cfg.log.dir, exist_ok=True)
+        metrics_file = open_metrics(os.path.join(cfg.log.dir, "metrics.jsonl"), start)
+        log.info("%s | model %.2fM params | engine %s | %d steps from %d | %d tokens/step",
+                 rt, n_params / 1e6, engine.name, cfg.train.steps, start, cfg.data.tokens_per_step)
+    bar = None
+    if rt.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
+                   disable=None)
+    last = {}
+    saved = None
+    try:
+        for step in range(start, cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = data.batch(step)
+            n_global = batch.num_targets
+            parts = split_for_dp([len(s) for s in batch.seqs], rt.mesh.dp)
+            mine = parts[rt.dp_index]
+            n_micro = engine.micro_steps([len(p) for p in parts], rt.dp_index)
+            filler = min(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i]))  # zero-weighted passes
+            sums = torch.zeros(3, dtype=torch.float64)
+            for j in range(n_micro):
+                i, weight = (mine[j], 1.0) if j < len(mine) else (filler, 0.0)
+                sums += torch.tensor(runner(engine, batch.seqs[i], batch.recall_masks[i], n_global,
+                                            last=j == n_micro - 1, weight=weight), dtype=torch.float64)
+            lr = lr_at(step, cfg)
+            grad_norm = engine.step(lr)  # sums gradients over all ranks, clips, steps AdamW
+            dist.all_reduce(sums)  # loss sums over every rank's targets
+            dt = time.perf_counter() - t0
+            loss = sums[0].item() / n_global
+            last = {"step": step + 1, "loss": loss, "tokens": n_global,
+                    "tokens_per_s": n_global / dt, "step_s": dt, "lr": lr,
+                    "grad_norm": grad_norm, "sequences": len(batch.seqs),
+                    "recall_loss": sums[1].item() / sums[2].item() if sums[2] > 0 else None,
+                    "mem_mb": memory_mb(rt.device)}
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step + 1}")
+            if rt.is_main and ((step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps):
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                mem=f"{last['mem_mb']:.0f}MB", refresh=False)
+            if bar:
+                bar.update(1)
+            done = step + 1 == cfg.train.steps
+            if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done):
+                saved = checkpoint.save(cfg.checkpoint.dir, step + 1, model, engine, rank=rt.rank,
+                                        world_size=rt.world_size)
+    finally:
+        if bar:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+    if rt.is_main:
+        log.info("done: step %s loss %.4f%s", last.get("step", start), last.get("loss", float("nan")),
+                 f" | checkpoint {saved}" if saved else "")
+    return {**last, "checkpoint": saved, "model": model, "optimizer": engine.optimizer, "engine": engine.name}
