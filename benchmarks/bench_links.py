@@ -166,10 +166,11 @@ def _measure(args):
                                     "runs": args.warmup + args.repeats,
                                     "busy_cpu_s": None if busy0 is None else busy1 - busy0,
                                     "wall_s": wall1 - wall0, "idle_busy_cores": idle_busy})
-        if member:
-            rec = _interference(args, g, p, rank, n_elems, pattern("shift", n_elems))
+        if member:  # what a shift (every member sends N to next) costs the compute beside it
+            rec = interference(pattern("shift", n_elems), g["ctrl"], p * n_elems * 4, args.warmup, args.repeats)
             if rank == 0:
-                records.append(rec)
+                records.append({"group_size": p, "pattern": "interference", "size": "large",
+                                "bytes": n_elems * 4, **rec})
         dist.barrier()
     if rank == 0:
         _write(args, world, records)
@@ -177,25 +178,29 @@ def _measure(args):
     dist.destroy_process_group()
 
 
-def _interference(args, g, p, rank, n_elems, shift) -> dict:
-    """How much a shift's traffic (every member sends N to next) slows compute running beside it on
-    the same machine: the host CPU that moving bytes takes (TCP stack, veth/bridge, shaping, cache
-    pollution). Each rank times small matmuls alone, then keeps doing them while a shift is in
-    flight; lost = transfer time - ops done x time per op alone. cpu_s_per_byte = mean lost per rank
-    x cores / bytes moved: what dist.sim charges to overlapped compute when ranks share the cores."""
+def interference(move, group, bytes_moved: int, warmup: int = 1, repeats: int = 5) -> dict:
+    """How much a transfer slows compute running beside it on the same machine: what moving bytes
+    costs the cores the ranks compute on (TCP stack, veth/bridge, shaping, wake-ups, caches).
+
+    Every rank of `group` calls this; `move()` posts this rank's part of the transfer and waits for
+    it (run in a helper thread; gloo waits release the GIL), `bytes_moved` is what all ranks send
+    together. Each rank times small matmuls alone, then keeps doing them while the transfer is in
+    flight: lost = transfer time - ops done x time per op alone. cpu_s_per_byte = mean lost per rank
+    x cores / bytes_moved, what dist.sim charges to overlapped compute when ranks share the cores.
+    """
     import torch
     import torch.distributed as dist
 
     a = torch.randn(128, 128)
     per_op, lost, during = [], [], []
-    for i in range(args.warmup + args.repeats):
-        dist.barrier(group=g["ctrl"])
+    for i in range(warmup + repeats):
+        dist.barrier(group=group)
         t0 = time.perf_counter()
         for _ in range(100):
             torch.mm(a, a)
         t_op = (time.perf_counter() - t0) / 100
-        dist.barrier(group=g["ctrl"])
-        mover = threading.Thread(target=shift)  # posts the shift's isend/irecv and waits for them
+        dist.barrier(group=group)
+        mover = threading.Thread(target=move)
         ops, t0 = 0, time.perf_counter()
         mover.start()
         while mover.is_alive():
@@ -203,19 +208,16 @@ def _interference(args, g, p, rank, n_elems, shift) -> dict:
             ops += 1
         t = time.perf_counter() - t0
         mover.join()
-        if i >= args.warmup:
+        if i >= warmup:
             per_op.append(t_op)
             during.append(t)
             lost.append(max(0.0, t - ops * t_op))
-    mean_lost = torch.tensor([statistics.median(lost)], dtype=torch.float64)
-    dist.all_reduce(mean_lost, group=g["ctrl"])
-    mean_lost = mean_lost.item() / p
-    cores = os.cpu_count() or 1
-    nbytes = n_elems * 4
-    return {"group_size": p, "pattern": "interference", "size": "large", "bytes": nbytes,
-            "op_s": statistics.median(per_op), "transfer_s": statistics.median(during),
-            "mean_lost_s": mean_lost, "cores": cores,
-            "cpu_s_per_byte": mean_lost * cores / (p * nbytes)}
+    total = torch.tensor([statistics.median(lost)], dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    mean_lost = total.item() / dist.get_world_size(group)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"op_s": statistics.median(per_op), "transfer_s": statistics.median(during), "mean_lost_s": mean_lost,
+            "cores": cores, "bytes_moved": bytes_moved, "cpu_s_per_byte": mean_lost * cores / bytes_moved}
 
 
 def cpu_model() -> str:
@@ -313,7 +315,8 @@ def _write(args, world, records):
         t_shift = by[(p, "shift", "large")]["median_s"]
         one_group = by[(p, "shift_1g", "large")]["median_s"] / t_shift
         n = by[(p, "exchange", "large")]["bytes"]
-        per_link = n if prof["per_peer"] else 2 * n  # bytes a rank's one NIC, or each of its links, carries
+        # bytes a rank's one NIC carries, or each of its links (with 2 ranks next == prev: one link)
+        per_link = n if prof["per_peer"] and p > 2 else 2 * n
         model = 2 * prof["latency_s"] + per_link / (prof["bandwidth_Bps"] * prof["duplex"])
         exch = by[(p, "exchange", "large")]["median_s"] / model
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "

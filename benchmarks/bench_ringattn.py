@@ -33,8 +33,9 @@ from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
 from dist.ringattn import diag_tail, shard  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
+from benchmarks.bench_links import interference  # noqa: E402
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
-                      bytes_per_rank, host_cpu_busy_s, load_link_profiles, predict)
+                      bytes_per_rank, load_link_profiles, predict)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,33 +76,34 @@ def make_inputs(args, seed=0):
     return q, k, v, dout
 
 
-def measure_link(nbytes=8 << 20, repeats=3, cpu_repeats=8):
+def measure_link(nbytes=8 << 20, repeats=3):
     """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it.
-    cpu_s_per_byte: the machine's busy CPU time over `cpu_repeats` more exchanges / bytes moved."""
+    cpu_s_per_byte: what that exchange costs the compute of every rank beside it (bench_links.interference)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     peer = 1 - rank if rank < 2 else None
     buf, small = torch.zeros(nbytes // 4), torch.zeros(1)
+
+    def exchange(size_buf):
+        ex = comm.Exchange()  # every rank: the first one creates the twin group
+        if peer is not None:
+            ex.send(size_buf, peer, "probe")
+            ex.recv(torch.empty_like(size_buf), peer)
+            ex.start()
+            ex.wait()
+
     results = {}
-    for name, size_buf, n in (("lat", small, repeats), ("bw", buf, repeats), ("cpu", buf, cpu_repeats)):
+    for name, size_buf in (("lat", small), ("bw", buf)):
         times = []
-        busy0 = host_cpu_busy_s()
-        for _ in range(n):
+        for _ in range(repeats):
             dist.barrier()
-            ex = comm.Exchange()  # every rank: the first one creates the twin group
             t0 = time.perf_counter()
-            if peer is not None:
-                ex.send(size_buf, peer, "probe")
-                ex.recv(torch.empty_like(size_buf), peer)
-                ex.start()
-                ex.wait()
+            exchange(size_buf)
             times.append(time.perf_counter() - t0)
-        busy = host_cpu_busy_s()
         results[name] = min(times)
-        results[name + "_busy"] = None if busy0 is None else busy - busy0
+    cpu = interference(lambda: exchange(buf), None, 2 * nbytes, warmup=1, repeats=repeats)["cpu_s_per_byte"]
     comm.counters.reset()
     lat = results["lat"]
     bw = nbytes / max(results["bw"] - lat, 1e-9)
-    cpu = (results["cpu_busy"] or 0.0) / (2 * nbytes * cpu_repeats)
     return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}",
                        cpu_s_per_byte=cpu)
 

@@ -85,10 +85,10 @@ class TorchEngine:
 
     def step(self, lr: float) -> float:
         """Sum gradients over all ranks, clip, AdamW at `lr`; returns the pre-clip gradient norm
-        (nan when clipping is off)."""
+        (also when clipping is off, as DeepSpeed's engine does)."""
         all_reduce_grads(self.params)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-                     if self.cfg.train.grad_clip > 0 else torch.tensor(float("nan")))
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")  # inf: grads x 1.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -258,6 +258,7 @@ class DeepSpeedEngine:
         self.optimizer.load_state_dict(sd_list, load_optimizer_states=True, load_from_fp32_weights=True)
         for k, v in scaler.items():
             setattr(self.optimizer.loss_scaler, k, v)
+        self.optimizer.clip_grad = float(self.cfg.train.grad_clip)  # the state dict restores the saved one
         self.optimizer.update_lp_params()  # model weights = the restored master weights, on every rank
 
     def close(self) -> None:

@@ -149,6 +149,18 @@ def test_deepspeed_resume_is_bit_exact(ds_runs, tmp_path):
     assert [r["loss"] for r in resumed[0][0]] == [r["loss"] for r in straight[0][0][2:]]
 
 
+@needs_deepspeed
+@pytest.mark.timeout(300)
+def test_deepspeed_resume_takes_the_configured_clipping(ds_runs, tmp_path):
+    """ZeRO's state dict carries the clipping it was saved with; a resumed run uses train.grad_clip as
+    configured now (as the torch engine does): clipping hard changes the update, so the weights differ."""
+    straight, d = ds_runs(2)
+    clipped = _run(2, ["train.engine=deepspeed", f"train.steps={STEPS}", "train.grad_clip=1e-4",
+                       f"log.dir={tmp_path}/log", f"checkpoint.resume={d}/ck/step-2"])
+    assert [r["step"] for r in clipped[0][0]] == [3, 4]
+    assert any(not torch.equal(clipped[0][1][k], v) for k, v in straight[0][1].items())
+
+
 def _resume_errors(rank, world_size, torch_ck, ds_ck, log_dir):
     """One rank: every way of resuming a checkpoint this run cannot load; returns the error messages."""
     from dist.train import train

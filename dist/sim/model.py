@@ -12,8 +12,9 @@ plus the exposed messages after the last step. all-gather and Ulysses do not ove
 collectives add to compute. Small-block kernel inefficiency and merge costs are not modelled.
 
 When the ranks share a host's CPU cores (ComputeProfile.cores: the testbed and loopback runs on
-one machine) the cores bound a step too, and moving bytes costs CPU there (LinkProfile.cpu_s_per_byte,
-measured by benchmarks/bench_links.py: TCP stack, veth/bridge forwarding, shaping), so
+one machine) the cores bound a step too, and traffic slows the compute beside it (TCP stack,
+veth/bridge forwarding, shaping: LinkProfile.cpu_s_per_byte, the compute lost per byte moved,
+measured on that link by benchmarks/bench_links.py), so
 
     compute = max(max over ranks of flops / rate, (sum over ranks of flops / rate + bytes x cpu_s_per_byte) / cores)
 
@@ -39,8 +40,10 @@ class LinkProfile:
     bandwidth_Bps: one-way bytes/s per rank; latency_s: per message; duplex: per-direction rate when
     both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
     alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex);
-    cpu_s_per_byte: host CPU seconds spent per byte carried (both ends together) while it travels,
-    taken from the cores the ranks compute on when they share a host (0 for DMA/RDMA links);
+    cpu_s_per_byte: compute time lost per byte carried, on the cores the ranks compute on when they
+    share a host (0 for DMA/RDMA links). Measured per link setting (benchmarks/bench_links.py's
+    interference pattern), not a constant of the machine: at slow rates a byte holds the CPU
+    longer (timer-driven shaping, wake-ups), so the figure grows as the rate falls;
     per_peer: every pair of ranks has its own link (a mesh of cables, the testbed's mesh), so a
     rank's messages to different peers do not share a rate; False: one NIC per rank (a switch).
     """
@@ -133,14 +136,16 @@ def load_link_profiles(path) -> dict[str, LinkProfile]:
         raise ValueError(f"{path}: expected a JSON object with a 'profiles' list")
     out = {}
     for i, entry in enumerate(data["profiles"]):
+        if not isinstance(entry.get("per_peer", False), bool):
+            raise ValueError(f"{path}: profile {i}: per_peer must be true or false, got {entry.get('per_peer')!r}")
         try:
             out[entry["name"]] = LinkProfile(
                 name=entry["name"], bandwidth_Bps=float(entry["bandwidth_Bps"]), latency_s=float(entry["latency_s"]),
                 duplex=float(entry.get("duplex", 1.0)),
                 alltoall_Bps=None if entry.get("alltoall_Bps") is None else float(entry["alltoall_Bps"]),
                 source=str(entry.get("source", "")), cpu_s_per_byte=float(entry.get("cpu_s_per_byte", 0.0)),
-                per_peer=bool(entry.get("per_peer", False)))
-        except (KeyError, TypeError) as e:
+                per_peer=entry.get("per_peer", False))
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: profile {i} lacks or mistypes a field: {e}") from None
     return out
 
@@ -369,8 +374,10 @@ def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backwar
         else:  # a blocking collective: its measured rate already includes its CPU cost
             # gloo's all-gather is a ring: a rank sends to next while it receives from prev (a shift);
             # with 2 ranks next == prev, and both directions share one connection, as in an all-to-all
+            # (on per-peer links the ring sends to next and receives from prev over two different links)
             ring = s.collective == "all_gather" and len(s.flops) > 2
-            coll = (lambda sent, messages: link.transfer_s(sent, sent, messages)) if ring else link.alltoall_s
+            recv = (lambda sent: 0) if link.per_peer else (lambda sent: sent)
+            coll = (lambda sent, messages: link.transfer_s(sent, recv(sent), messages)) if ring else link.alltoall_s
             total += comp + max(coll(s.sent[r], s.messages[r]) for r in range(len(s.flops)))
         compute_only += comp
     return total, compute_only
