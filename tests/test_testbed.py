@@ -210,3 +210,31 @@ def test_probe_profiles_from_measurements():
                     "cpu_s_per_byte": 3e-9}
     (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
     assert prof["cpu_s_per_byte"] == 3e-9 and prof["per_peer"] is True
+
+
+def _interference_of(rank, world):
+    import time
+
+    def idle_move():  # a transfer that only waits (as gloo's do: no CPU, no GIL)
+        time.sleep(0.05)
+
+    def busy_move():  # a "transfer" that keeps the CPU (and the GIL) busy the whole time
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    idle = bench_links.interference(idle_move, None, 1 << 20, warmup=0, repeats=3)
+    busy = bench_links.interference(busy_move, None, 1 << 20, warmup=0, repeats=3)
+    return idle, busy
+
+
+@pytest.mark.timeout(60)
+def test_interference_measures_compute_lost_beside_a_transfer():
+    """A transfer that only waits costs the compute beside it ~nothing; one that holds the CPU costs
+    about its whole duration (x cores / bytes)."""
+    from tests.multirank import run_ranks
+
+    idle, busy = run_ranks(_interference_of, 1, timeout_s=50)[0]
+    assert idle["mean_lost_s"] < 0.2 * idle["transfer_s"], idle
+    assert busy["mean_lost_s"] > 0.5 * busy["transfer_s"], busy
+    assert busy["cpu_s_per_byte"] == pytest.approx(busy["mean_lost_s"] * busy["cores"] / (1 << 20))
