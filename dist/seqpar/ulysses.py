@@ -40,6 +40,20 @@ class _AllToAll(torch.autograd.Function):
         return comm.all_to_all(grad.contiguous(), ctx.group, "ulysses"), None
 
 
+class _Permute(torch.autograd.Function):
+    """Rows reordered by a permutation along dim 1: forward gathers with `order`, backward with its
+    inverse (a gather too, not the scatter-add plain indexing's backward does)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.inverse = inverse
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(1, ctx.inverse), None, None
+
+
 def _row_orders(local_len: int, world: int, layout: str, device):
     """(positions, order) for rows gathered in rank order (each rank's shard in `layout`): row j sits
     at sequence position positions[j], and rows[:, order] is the sequence in order (so
@@ -57,7 +71,7 @@ def _to_heads(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
     parts = x.reshape(b, n, world, h // world, d).permute(2, 0, 1, 3, 4)       # [P, b, n, h/P, d]
     got = _AllToAll.apply(parts.contiguous(), group)                           # slot j: rank j's rows
     full = got.permute(1, 0, 2, 3, 4).reshape(b, world * n, h // world, d)     # rank-major rows
-    return full if orders is None else full[:, orders[1]]
+    return full if orders is None else _Permute.apply(full, orders[1], orders[0])
 
 
 def _to_sequence(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
@@ -65,7 +79,7 @@ def _to_sequence(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
     b, seq, hp, d = x.shape
     n = seq // world
     if orders is not None:
-        x = x[:, orders[0]]  # back to rank-major rows
+        x = _Permute.apply(x, orders[0], orders[1])  # back to rank-major rows
     parts = x.reshape(b, world, n, hp, d).permute(1, 0, 2, 3, 4)               # [P, b, n, h/P, d]
     got = _AllToAll.apply(parts.contiguous(), group)                           # slot j: head group j
     return got.permute(1, 2, 0, 3, 4).reshape(b, n, world * hp, d)
