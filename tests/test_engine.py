@@ -193,3 +193,17 @@ def test_resume_mismatch_is_one_clear_error(torch_run, ds_runs, tmp_path):
     assert msgs[2] and "written by 2 ranks, this run has 1" in msgs[2], msgs[2]
     assert msgs[3] and "zero_stage = 2" in msgs[3] and "zero_stage = 1" in msgs[3], msgs[3]
     assert all("\n" not in m for m in msgs)
+
+
+@needs_deepspeed
+@pytest.mark.timeout(300)
+def test_deepspeed_bf16_resume_is_bit_exact(tmp_path):
+    """bf16 weights: the fp32 master partitions in optimizer-rank{R}.pt (not the rounded bf16 weights)
+    carry the resumed run, so it matches the straight one bit for bit."""
+    common = ["train.engine=deepspeed", "model.dtype=bfloat16", "train.steps=3"]
+    straight = _run(2, common + [f"log.dir={tmp_path}/a", f"checkpoint.dir={tmp_path}/ck", "checkpoint.every=1"])
+    resumed = _run(2, common + [f"log.dir={tmp_path}/b", f"checkpoint.resume={tmp_path}/ck/step-1"])
+    assert [r["step"] for r in resumed[0][0]] == [2, 3]
+    assert [r["loss"] for r in resumed[0][0]] == [r["loss"] for r in straight[0][0][1:]]
+    for k, v in straight[0][1].items():
+        assert v.dtype == torch.bfloat16 and torch.equal(resumed[0][1][k], v), k
