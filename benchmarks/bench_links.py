@@ -82,9 +82,6 @@ def _measure(args):
     import torch
     import torch.distributed as dist
 
-    sys.path.insert(0, REPO)
-    from dist.sim import host_cpu_busy_s
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=min(args.timeout, 300)))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -176,6 +173,20 @@ def _measure(args):
         _write(args, world, records)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def host_cpu_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat less idle and iowait);
+    None where /proc/stat is unavailable. Two readings around a transfer give its CPU cost."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def interference(move, group, bytes_moved: int, warmup: int = 1, repeats: int = 5) -> dict:

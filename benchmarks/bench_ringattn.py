@@ -108,11 +108,11 @@ def measure_link(nbytes=8 << 20, repeats=3):
                        cpu_s_per_byte=cpu)
 
 
-def workload(args, world: int, device_type: str = "cpu") -> Workload:
+def workload(args, world: int, device_type: str = "cpu", itemsize: int | None = None) -> Workload:
     """The dist.sim workload of this benchmark's attention call at world size `world` (args: the
-    parsed arguments, or the dict stored in a results JSON)."""
+    parsed arguments, or the dict stored in a results JSON); itemsize: that of --dtype unless given."""
     a = args if isinstance(args, dict) else vars(args)
-    itemsize = torch.empty(0, dtype=getattr(torch, a["dtype"])).element_size()
+    itemsize = itemsize or torch.empty(0, dtype=getattr(torch, a["dtype"])).element_size()
     return Workload(a["batch"], a["seq_len"] // world, a["heads"], a["kv_heads"] or a["heads"], a["head_dim"], world,
                     a["causal"], a["layout"], itemsize, diag_tail=diag_tail(device_type))
 
@@ -205,8 +205,7 @@ def run_world(args, link_override):
                 times[name].append(dt)
     t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
     w = workload(args, world, q.device.type)
-    w_gpu = Workload(args.batch, args.seq_len // world, args.heads, args.kv_heads, args.head_dim, world,
-                     args.causal, args.layout, 2)
+    w_gpu = workload(args, world, "cuda", itemsize=2)  # the same call in bf16 on GPUs
     full = Workload(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, 1, args.causal,
                     "contiguous", q.element_size())
     fwd_flops = full.block_flops(0, 0)

@@ -221,16 +221,8 @@ def pack_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def row_spec(tensors: list[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """(trailing shape after [batch, rows], dtype) of each tensor: what `empty_rows`/`unpack_rows` need."""
+    """(trailing shape after [batch, rows], dtype) of each tensor: what `unpack_rows` needs."""
     return [(tuple(t.shape[2:]), t.dtype) for t in tensors]
-
-
-def empty_rows(spec, batch: int, rows: int, device) -> list[torch.Tensor]:
-    """Receive buffers for `pack_rows` messages of `rows` rows."""
-    widths: dict = {}
-    for shape, dtype in spec:
-        widths[dtype] = widths.get(dtype, 0) + int(torch.Size(shape).numel())
-    return [torch.empty(batch, rows, w, dtype=dt, device=device) for dt, w in widths.items()]
 
 
 def unpack_rows(packed: list[torch.Tensor], spec) -> list[torch.Tensor]:

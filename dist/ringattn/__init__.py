@@ -49,7 +49,7 @@ _LOCAL_PROBLEMS = {
 
 
 def _local_problem(q, k, v, strategy, layout, world) -> int:
-    if strategy not in STRATEGY_NAMES:
+    if strategy is not None and strategy not in STRATEGY_NAMES:
         return 7
     if layout not in LAYOUTS:
         return 8
@@ -76,7 +76,7 @@ def _shape_of(t) -> list[int]:
 
 def _validate(q, k, v, causal, strategy, layout, group, world, rank, what="ring_attention"):
     """Check inputs on this rank and against every other rank; the same ValueError on all ranks.
-    `what` names the caller in messages (dist.seqpar's Ulysses passes strategy "auto" as a placeholder)."""
+    strategy None: nothing to check there (dist.seqpar's Ulysses); `what` names the caller in messages."""
     code = _local_problem(q, k, v, strategy, layout, world)
     dtype_code = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
     strategy_code = STRATEGY_NAMES.index(strategy) if strategy in STRATEGY_NAMES else -1

@@ -6,9 +6,8 @@ head shards, full-sequence attention on 1/P of the heads, all-to-all back.
 q: [batch, local_seq, heads_q, dim], k/v: [batch, local_seq, heads_kv, dim], this rank's shard in
 `layout` (dist.ringattn.shard), exactly as ring_attention takes them; returns this rank's shard of
 attention over the whole sequence, differentiable in q, k and v (the backward runs the same
-all-to-alls in reverse). heads_q must be divisible by the group size P. K/V keep their heads when P
-divides heads_kv; otherwise they are repeated up to the fewest heads that P and heads_q both allow
-(GQA stays exact, at more bytes).
+all-to-alls in reverse). heads_q must be divisible by the group size P. K/V
+heads are repeated up to lcm(heads_kv, P) when P does not divide them (GQA stays exact, at more bytes).
 
 Bytes per rank and step: forward (P-1)/P of q, k, v out and of out back; backward the same for
 dO out and dq, dk, dv back (dist.sim's "ulysses" schedule). Two all-to-alls per direction, no
@@ -17,6 +16,7 @@ overlap with compute: Ulysses wins where heads divide P and links are fast for a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,6 +54,7 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(1, ctx.inverse), None, None
 
 
+@functools.lru_cache(maxsize=64)  # the same for every layer of a step: built once per shape
 def _row_orders(local_len: int, world: int, layout: str, device):
     """(positions, order) for rows gathered in rank order (each rank's shard in `layout`): row j sits
     at sequence position positions[j], and rows[:, order] is the sequence in order (so
@@ -86,12 +87,9 @@ def _to_sequence(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
 
 
 def _kv_heads_for(heads_q: int, heads_kv: int, world: int) -> int:
-    """K/V heads to send: heads_kv when P divides it, else the fewest multiple of heads_kv that P
-    divides and that divides heads_q (at most heads_q)."""
-    if heads_kv % world == 0:
-        return heads_kv
-    h = heads_kv * world // math.gcd(heads_kv, world)  # lcm
-    return h if heads_q % h == 0 else heads_q
+    """K/V heads to send: the fewest multiple of heads_kv that P divides, lcm(heads_kv, P); it divides
+    heads_q because P and heads_kv both do (heads_kv itself when P divides it)."""
+    return heads_kv * world // math.gcd(heads_kv, world)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, group=None,
@@ -109,7 +107,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         if group is not None:
             raise ValueError("group: torch.distributed is not initialised")
         rank, world = 0, 1
-    _validate(q, k, v, causal, "auto", layout, group, world, rank, what="ulysses_attention")
+    _validate(q, k, v, causal, None, layout, group, world, rank, what="ulysses_attention")
     if world == 1:
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     heads_q, heads_kv = q.shape[2], k.shape[2]
@@ -119,7 +117,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     kv_heads = _kv_heads_for(heads_q, heads_kv, world)
     if kv_heads != heads_kv:
         k, v = (x.repeat_interleave(kv_heads // heads_kv, dim=2) for x in (k, v))
-    orders = _row_orders(q.shape[1], world, layout, q.device)
+    orders = _row_orders(q.shape[1], world, layout, q.device)  # device: hashable torch.device
     qh, kh, vh = (_to_heads(x, group, world, orders) for x in (q, k, v))
     out = attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale)
     return _to_sequence(out, group, world, orders)

@@ -390,22 +390,6 @@ def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfi
     return Prediction(strategy, fwd, bwd, cf + cb, max(bytes_per_rank(strategy, w)))
 
 
-def host_cpu_busy_s() -> float | None:
-    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat less idle and iowait);
-    None where /proc/stat is unavailable. Two readings around a transfer give its CPU cost."""
-    import os
-
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def default_link(device_type: str = "cpu") -> LinkProfile:
     """$DIST_LINK_PROFILE (a built-in name) if set, else nvlink-h100 for CUDA and gloo-loopback for CPU."""
     import os
