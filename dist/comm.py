@@ -9,7 +9,11 @@ that one place knows:
   rides its own process group (`twin_group(group)`; gloo serialises a send and a receive with the
   same peer on one group, see NOTES);
 - how long to wait for a peer (`timeout()`; a dead peer raises instead of hanging);
-- how many bytes each rank sent, per label (`counters`), so tests can assert communication volume.
+- how many bytes each rank sent, per label (`counters`), so tests can assert communication volume;
+- how ranks on one host talk: over shared memory (`_Shm`), not gloo's TCP loopback, for CPU tensors
+  on gloo groups (one copy in, one copy out, no socket and no helper thread; what NCCL does within a
+  node, for CPU runs). $DIST_SHM=0 turns it off; ranks in different network namespaces (the testbed's
+  hosts) or machines never use it.
 
 Peers are given as ranks *within* `group` (group order); `None` means the default group.
 """
@@ -17,9 +21,14 @@ Peers are given as ranks *within* `group` (group order); `None` means the defaul
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
-from collections import Counter
+import platform
+import secrets
+import socket
+import time
+from collections import Counter, deque
 
 import torch
 import torch.distributed as dist
@@ -121,6 +130,321 @@ def direction_group(group, src: int, dst: int):
     return group if src < dst else twin_group(group)
 
 
+# ----------------------------------------------------------------------------------------------
+# shared-memory transport for ranks on one host
+#
+# Every ordered pair (src, dst) of same-host ranks gets one ring buffer in a /dev/shm file that src
+# writes and dst reads: a control page (int64 `written` at byte 0, set by src; int64 `read` at byte
+# 64, set by dst; int64 capacity at byte 128) and `capacity` data bytes. A message is a 64-byte
+# header (group key, tag, nbytes) then its bytes, padded to 64; messages longer than the ring
+# stream through it. Sends are copied in when posted (as far as there is room), receives are copied
+# out in `wait()`; any wait advances every pending message of the process, so exchanges waited in
+# any order cannot deadlock. A message whose receive is not posted yet is parked (copied aside) and
+# handed over when it is: gloo's per-(group, tag) order, exactly. Ordering of the copy before the
+# counter update relies on x86's total store order, so the transport is x86-only.
+
+_SHM_HEADER = 4096
+_MSG_HEADER = 64
+
+
+def _shm_enabled() -> bool:
+    return (os.environ.get("DIST_SHM", "1") != "0" and os.path.isdir("/dev/shm")
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+def _host_key() -> int:
+    """Equal for two processes iff they share a kernel, /dev/shm, and network/pid/ipc namespaces."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+        parts += [str(os.stat(f"/proc/self/ns/{ns}").st_ino) for ns in ("net", "pid", "ipc")]
+        parts.append(str(os.stat("/dev/shm").st_dev))
+    except OSError:
+        parts.append(str(os.getpid()))  # cannot tell: treat as a host of its own
+    return int.from_bytes(hashlib.blake2b("|".join(parts).encode(), digest_size=7).digest(), "little")
+
+
+def _shm_capacity(segments: int) -> int:
+    """Data bytes of one ring: $DIST_SHM_MB (default 16 MiB), at most 1/4 of free /dev/shm shared by
+    `segments` rings, at least 256 KiB; a multiple of 4096."""
+    want = int(float(os.environ.get("DIST_SHM_MB", "16")) * (1 << 20))
+    st = os.statvfs("/dev/shm")
+    room = st.f_bavail * st.f_frsize // (4 * max(1, segments))
+    return max(256 << 10, min(want, room)) // 4096 * 4096
+
+
+class _Ring:
+    """One direction of one same-host pair: a mapped /dev/shm file (see the section comment)."""
+
+    def __init__(self, path: str, capacity: int | None):
+        if capacity is not None:  # the writer creates it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, _SHM_HEADER + capacity)  # room now, never SIGBUS later
+            finally:
+                os.close(fd)
+        size = os.path.getsize(path)
+        self.buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        self.ctl = self.buf[:_SHM_HEADER].view(torch.int64)  # [0] written, [8] read, [16] capacity
+        if capacity is not None:
+            self.ctl[16] = capacity
+        self.capacity = int(self.ctl[16])
+        assert self.capacity == size - _SHM_HEADER
+        self.data = self.buf[_SHM_HEADER:]
+        self.pos = 0  # our own counter (written for the writer, read for the reader)
+        self.queue: deque = deque()  # writer: _Op sends in order
+        self.current = None  # reader: (destination uint8 view, nbytes, done callback) being filled
+        self.got = 0  # reader: bytes of `current` copied
+
+    def _copy(self, t: torch.Tensor, start: int, n: int, to_ring: bool) -> None:
+        """Copy bytes t[start:start + n] to (or from) the ring at self.pos, wrapping at its end."""
+        done = 0
+        while done < n:
+            off = (self.pos + done) % self.capacity
+            k = min(n - done, self.capacity - off)
+            ring, mine = self.data[off:off + k], t[start + done:start + done + k]
+            (ring if to_ring else mine).copy_(mine if to_ring else ring)
+            done += k
+
+    def write(self) -> bool:
+        """Writer: copy queued sends into the ring as far as it has room; True if anything moved."""
+        moved = False
+        while self.queue:
+            op = self.queue[0]
+            free = self.capacity - (self.pos - int(self.ctl[8]))
+            if op.done_bytes < 0:  # header first
+                if free < _MSG_HEADER:
+                    break
+                hdr = torch.tensor([op.key, op.tag, op.nbytes] + [0] * 5, dtype=torch.int64).view(torch.uint8)
+                self._copy(hdr, 0, _MSG_HEADER, True)
+                self.pos += _MSG_HEADER
+                free -= _MSG_HEADER
+                op.done_bytes = 0
+            k = min(op.nbytes - op.done_bytes, free)
+            if k > 0:
+                self._copy(op.view, op.done_bytes, k, True)
+                self.pos += k
+                op.done_bytes += k
+                free -= k
+            pad = -self.pos % _MSG_HEADER
+            if op.done_bytes < op.nbytes or free < pad:
+                break
+            self.pos += pad
+            op.done = True
+            self.queue.popleft()
+            moved = True
+        if self.pos != int(self.ctl[0]):
+            self.ctl[0] = self.pos  # publish after the copies (x86: stores are seen in order)
+            moved = True
+        return moved
+
+    def read(self, deliver) -> bool:
+        """Reader: copy arrived bytes out; deliver(key, tag, nbytes) -> (uint8 view, done callback), or
+        None to leave the message in the ring for now. True if anything moved."""
+        moved = False
+        while True:
+            avail = int(self.ctl[0]) - self.pos
+            if self.current is None:
+                if avail < _MSG_HEADER:
+                    break
+                hdr = torch.empty(_MSG_HEADER, dtype=torch.uint8)
+                self._copy(hdr, 0, _MSG_HEADER, False)
+                key, tag, nbytes = hdr.view(torch.int64)[:3].tolist()
+                where = deliver(key, tag, nbytes)
+                if where is None:
+                    break
+                self.pos += _MSG_HEADER
+                avail -= _MSG_HEADER
+                self.current, self.got = (*where, nbytes), 0
+                moved = True
+            view, on_done, nbytes = self.current
+            k = min(nbytes - self.got, avail)
+            if k > 0:
+                self._copy(view, self.got, k, False)
+                self.pos += k
+                self.got += k
+                avail -= k
+                moved = True
+            pad = -self.pos % _MSG_HEADER
+            if self.got < nbytes or avail < pad:
+                break
+            self.pos += pad
+            self.current = None
+            on_done()
+        if moved:
+            self.ctl[8] = self.pos
+        return moved
+
+
+class _Op:
+    """A shared-memory send or receive: `view` is the tensor's bytes (uint8, flat)."""
+
+    def __init__(self, tensor: torch.Tensor, peer: int, key: int, tag: int):
+        self.tensor, self.peer, self.key, self.tag = tensor, peer, key, tag
+        self.view = tensor.reshape(-1).view(torch.uint8)
+        self.nbytes = self.view.numel()
+        self.done_bytes = -1  # sends: header not written yet
+        self.done = False
+
+
+class _Shm:
+    """The process's shared-memory links: rings per same-host peer (global ranks), and the matching
+    of arrived messages to posted receives per (peer, group key, tag)."""
+
+    def __init__(self):
+        self.out: dict[int, _Ring] = {}  # peer -> ring we write
+        self.inp: dict[int, _Ring] = {}  # peer -> ring we read
+        self.pids: dict[int, int] = {}
+        self.groups: dict = {}  # group -> (key, set of group ranks reached over shm)
+        self.posted: dict[tuple, deque] = {}  # (peer, key, tag) -> receives waiting for a message
+        self.parked: dict[tuple, deque] = {}  # (peer, key, tag) -> [buffer, done, receive] arrived first
+        self.active: set[int] = set()  # peers with queued sends
+
+    def setup(self, group) -> tuple[int, set]:
+        """Collective over `group` (once per group): find same-host members, build missing rings."""
+        gk = group if group is not None else dist.group.WORLD
+        if gk in self.groups:
+            return self.groups[gk]
+        ranks = group_ranks(group)
+        me = dist.get_rank()
+        on = _shm_enabled() and dist.get_backend(group) == "gloo"
+        mine = torch.tensor([_host_key() if on else -1, os.getpid(), secrets.randbits(62)], dtype=torch.int64)
+        info = [torch.zeros_like(mine) for _ in ranks]
+        dist.all_gather(info, mine, group=group)
+        hosts, pids = [int(t[0]) for t in info], [int(t[1]) for t in info]
+        token = int(info[0][2])
+        local = [r for i, r in enumerate(ranks) if on and hosts[i] == int(mine[0]) and r != me]
+        new = [r for r in local if r not in self.out or self.pids.get(r) != pids[ranks.index(r)]]
+        path = lambda src, dst: f"/dev/shm/dist-{token:x}-{src}-{dst}"  # noqa: E731
+        ok = 1
+        try:
+            if new:
+                cap = _shm_capacity(len(local) * (len(local) + 1))
+                for r in new:
+                    self.out[r] = _Ring(path(me, r), cap)
+        except OSError as e:
+            log.warning("shared-memory transport off for rank %d (%s); its same-host peers use gloo", me, e)
+            ok = 0
+        flags = [torch.zeros(1, dtype=torch.int64) for _ in ranks]
+        dist.all_gather(flags, torch.tensor([ok]), group=group)
+        opened = 1
+        try:
+            for r in new:
+                if int(flags[ranks.index(r)]) and ok:
+                    self.inp[r] = _Ring(path(r, me), None)
+                    self.pids[r] = pids[ranks.index(r)]
+        except OSError as e:
+            log.error("shared-memory transport: cannot open the ring of a peer: %s", e)
+            opened = 0
+        dist.all_gather(flags, torch.tensor([opened]), group=group)  # everyone mapped what they need
+        for r in new:
+            try:
+                os.unlink(path(me, r))  # mapped on both sides now: nothing is left in /dev/shm
+            except FileNotFoundError:
+                pass
+        if not all(int(f) for f in flags):
+            raise RuntimeError("shared-memory transport: a rank could not map its peers' rings "
+                               "(see its log); set DIST_SHM=0 to use gloo only")
+        reached = {ranks.index(r) for r in local if r in self.inp and r in self.out and self.pids.get(r) == pids[ranks.index(r)]}
+        if not ok:
+            reached = set()
+        for r in new:
+            if ranks.index(r) not in reached:
+                self.out.pop(r, None)
+                self.inp.pop(r, None)
+        self.groups[gk] = (token, reached)
+        if reached:
+            log.debug("shared-memory transport: rank %d reaches group ranks %s", me, sorted(reached))
+        return self.groups[gk]
+
+    def post_send(self, op: _Op) -> None:
+        self.out[op.peer].queue.append(op)
+        self.active.add(op.peer)
+
+    def post_recv(self, op: _Op) -> None:
+        key = (op.peer, op.key, op.tag)
+        parked = self.parked.get(key)
+        if parked:
+            entry = parked.popleft()
+            self._check_size(op, entry[0].numel())
+            if entry[1]:
+                op.view.copy_(entry[0])
+                op.done = True
+            else:
+                entry[2] = op
+            return
+        self.posted.setdefault(key, deque()).append(op)
+
+    @staticmethod
+    def _check_size(op: _Op, nbytes: int) -> None:
+        if nbytes != op.nbytes:
+            raise RuntimeError(f"shared-memory transport: a message of {nbytes} bytes from rank {op.peer} "
+                               f"(tag {op.tag}) met a receive buffer of {op.nbytes} bytes")
+
+    def _deliver(self, peer: int):
+        """Where the next message from `peer` goes: its posted receive; else, if a receive from that
+        peer is posted (so something behind it is wanted), a parked copy; else nowhere yet."""
+        def deliver(key, tag, nbytes):
+            waiting = self.posted.get((peer, key, tag))
+            if waiting:
+                op = waiting.popleft()
+                self._check_size(op, nbytes)
+                return op.view, lambda: setattr(op, "done", True)
+            if not any(q for (p, _, _), q in self.posted.items() if p == peer):
+                return None
+            entry = [torch.empty(nbytes, dtype=torch.uint8), False, None]
+            self.parked.setdefault((peer, key, tag), deque()).append(entry)
+
+            def done():
+                entry[1] = True
+                if entry[2] is not None:
+                    entry[2].view.copy_(entry[0])
+                    entry[2].done = True
+            return entry[0], done
+        return deliver
+
+    def progress(self) -> bool:
+        moved = False
+        for peer in list(self.active):
+            moved |= self.out[peer].write()
+            if not self.out[peer].queue:
+                self.active.discard(peer)
+        for peer, ring in self.inp.items():
+            moved |= ring.read(self._deliver(peer))
+        return moved
+
+    def wait(self, ops: list[_Op], limit: datetime.timedelta | None) -> None:
+        """Advance everything until `ops` are done; RuntimeError on timeout or a dead peer."""
+        t0 = last_check = time.monotonic()
+        seconds = limit.total_seconds() if limit is not None else 1800.0
+        while True:
+            moved = self.progress()
+            pending = [op for op in ops if not op.done]
+            if not pending:
+                return
+            now = time.monotonic()
+            if now - t0 > seconds:
+                raise RuntimeError(f"timed out after {seconds:.0f} s waiting for shared-memory messages with "
+                                   f"rank(s) {sorted({op.peer for op in pending})} (DIST_COMM_TIMEOUT_S)")
+            if now - last_check > 1.0:
+                last_check = now
+                for op in pending:
+                    try:
+                        os.kill(self.pids[op.peer], 0)
+                    except ProcessLookupError:
+                        raise RuntimeError(f"rank {op.peer} (pid {self.pids[op.peer]}) exited while this rank "
+                                           "waited for its shared-memory messages") from None
+                    except PermissionError:
+                        pass
+            if not moved:  # spin briefly, then yield the core, then sleep a little
+                waited = now - t0
+                time.sleep(0 if waited < 2e-3 else min(1e-3, waited / 20))
+
+
+_SHM = _Shm()
+
+
 class Exchange:
     """One step's point-to-point messages within `group`, posted together.
 
@@ -134,23 +458,34 @@ class Exchange:
     Peers are ranks within `group`. Each direction rides its own group (`direction_group`), so a
     send and a receive with the same peer proceed at once. Messages from one rank to another
     arrive in the order posted, per `tag` (use one tag per kind of message: a stream of KV blocks
-    and a stream of gradient accumulators between the same two ranks must not be confused). Tensors must stay alive and unmodified until `wait()`.
-    Zero-element tensors are skipped (nothing is sent). The first Exchange on a group creates its
-    twin group, so every member must construct it (even one with nothing to send), like a collective.
+    and a stream of gradient accumulators between the same two ranks must not be confused).
+    Tensors must stay alive and unmodified until `wait()`. Zero-element tensors are skipped
+    (nothing is sent). CPU tensors between ranks on one host go over shared memory (see `_Shm`),
+    the rest over the group's backend. The first Exchange on a group creates its twin group and its
+    shared-memory links, so every member must construct it (even one with nothing to send), like a
+    collective.
     """
 
     def __init__(self, group=None):
         self.group = group
         self.rank = group_rank(group) if dist.is_initialized() else 0
+        self._shm_key, self._shm_peers = 0, set()
         if dist.is_initialized() and group_size(group) > 1:
             twin_group(group)  # created on first use: every member constructs its first Exchange together
+            self._shm_key, self._shm_peers = _SHM.setup(group)
         self._ops: dict = {}
+        self._shm_sends: list[_Op] = []
+        self._shm_recvs: list[_Op] = []
         self._works: list = []
 
     def _add(self, op, tensor: torch.Tensor, src: int, dst: int, peer: int, tag: int) -> None:
         assert tensor.is_contiguous(), "point-to-point tensors must be contiguous"
         assert peer != self.rank, "no messages to self"
         if tensor.numel() == 0:
+            return
+        if peer in self._shm_peers and tensor.device.type == "cpu":
+            shm_op = _Op(tensor, global_rank(self.group, peer), self._shm_key, tag)
+            (self._shm_sends if op is dist.isend else self._shm_recvs).append(shm_op)
             return
         g = direction_group(self.group, src, dst)
         key = g if g is not None else dist.group.WORLD
@@ -171,27 +506,59 @@ class Exchange:
             works = dist.batch_isend_irecv(ops)
             self._works.extend(w for w in works if w is not None)
         self._ops = {}
+        if self._shm_sends or self._shm_recvs:
+            for op in self._shm_recvs:
+                _SHM.post_recv(op)
+            for op in self._shm_sends:
+                _SHM.post_send(op)
+            _SHM.progress()  # sends are copied into the rings now, as far as they have room
+            self._works.append(self._shm_sends + self._shm_recvs)
+            self._shm_sends, self._shm_recvs = [], []
         return self
 
     def wait(self) -> None:
         limit = timeout()
         works, self._works = self._works, []
-        for work in works:
-            if limit is None:
+        for work in sorted(works, key=lambda w: not isinstance(w, list)):  # shared memory first
+            if isinstance(work, list):
+                _SHM.wait(work, limit)
+            elif limit is None:
                 work.wait()
             else:
                 work.wait(limit)
 
 
+_COLLECTIVE_TAG = 1 << 40  # shared-memory collectives' messages, apart from every user tag
+
+
+def _over_shm(tensor: torch.Tensor, group) -> Exchange | None:
+    """An Exchange for a collective when every other member is reached over shared memory, else None."""
+    if tensor.device.type != "cpu" or group_size(group) == 1:
+        return None
+    ex = Exchange(group)
+    return ex if len(ex._shm_peers) == group_size(group) - 1 else None
+
+
 def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[torch.Tensor]:
     """All-gather equal-shaped tensors; returns one tensor per rank in group order.
 
-    Counts (world - 1) * nbytes as sent: what this rank's data must reach the others.
+    Counts (world - 1) * nbytes as sent: what this rank's data must reach the others. Over shared
+    memory when the whole group is on one host.
     """
     world = group_size(group)
     tensor = tensor.contiguous()
     out = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(out, tensor, group=group)
+    ex = _over_shm(tensor, group)
+    if ex is None:
+        dist.all_gather(out, tensor, group=group)
+    else:
+        me = ex.rank
+        out[me].copy_(tensor)
+        for i in range(world):
+            if i != me:
+                ex._add(dist.isend, tensor, me, i, i, _COLLECTIVE_TAG)
+                ex._add(dist.irecv, out[i], i, me, i, _COLLECTIVE_TAG)
+        ex.start().wait()
     counters.add(label, (world - 1) * tensor.numel() * tensor.element_size())
     return out
 
@@ -199,13 +566,24 @@ def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[to
 def all_to_all(tensor: torch.Tensor, group=None, label: str = "data") -> torch.Tensor:
     """tensor: [world, ...]; slice i goes to rank i. Returns [world, ...] with slice j from rank j.
 
-    Counts the (world - 1) slices that leave this rank as sent.
+    Counts the (world - 1) slices that leave this rank as sent. Over shared memory when the whole
+    group is on one host.
     """
     world = group_size(group)
     assert tensor.shape[0] == world
     tensor = tensor.contiguous()
     out = torch.empty_like(tensor)
-    dist.all_to_all_single(out, tensor, group=group)
+    ex = _over_shm(tensor, group)
+    if ex is None:
+        dist.all_to_all_single(out, tensor, group=group)
+    else:
+        me = ex.rank
+        out[me].copy_(tensor[me])
+        for i in range(world):
+            if i != me:
+                ex._add(dist.isend, tensor[i], me, i, i, _COLLECTIVE_TAG)
+                ex._add(dist.irecv, out[i], i, me, i, _COLLECTIVE_TAG)
+        ex.start().wait()
     counters.add(label, (world - 1) * tensor[0].numel() * tensor.element_size())
     return out
 

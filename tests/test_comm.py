@@ -1,7 +1,11 @@
-"""dist.comm: batched exchanges in both directions, the twin group, byte counters, timeouts."""
+"""dist.comm: batched exchanges in both directions, the twin group, byte counters, timeouts, and the
+shared-memory transport between ranks of one host (against gloo and against known values)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -38,19 +42,25 @@ def _exchange(rank, world):
     first.wait()
     second.wait()
     gathered = comm.all_gather(torch.tensor([rank]), None, "meta")
+    spread = comm.all_to_all(torch.arange(world) + 10 * rank, None, "a2a")  # slice i goes to rank i
     return dict(from_next=from_next[0, 0].item(), from_prev=from_prev[0].item(), ra=ra[0].item(), rb=rb[0].item(),
                 bytes=dict(comm.counters.bytes), twin_differs=twin is not dist.group.WORLD and twin is not None,
-                ring=comm.group_ranks(), gathered=[int(x) for x in gathered])
+                ring=comm.group_ranks(), gathered=[int(x) for x in gathered], spread=spread.tolist(),
+                shm_peers=sorted(comm.Exchange()._shm_peers))
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("world", [2, 3])
-def test_exchange_both_directions_and_counters(world):
-    for rank, out in enumerate(run_ranks(_exchange, world, timeout_s=60)):
+@pytest.mark.parametrize("world,shm", [(2, "1"), (3, "1"), (3, "0")])
+def test_exchange_both_directions_and_counters(world, shm):
+    outs = run_ranks(_exchange, world, timeout_s=60, env={"DIST_SHM": shm})
+    for rank, out in enumerate(outs):
+        assert out["shm_peers"] == ([r for r in range(world) if r != rank] if shm == "1" else [])
+        assert out["spread"] == [rank + 10 * j for j in range(world)]
         assert out["from_next"] == float((rank + 1) % world)
         assert out["from_prev"] == 10.0 + (rank - 1) % world
         assert out["ra"] == float((rank - 1) % world) and out["rb"] == 100.0 * ((rank - 1) % world)
-        assert out["bytes"] == {"q": 15 * 4, "out": 7 * 4, "a": 16, "b": 8, "meta": (world - 1) * 8}
+        assert out["bytes"] == {"q": 15 * 4, "out": 7 * 4, "a": 16, "b": 8, "meta": (world - 1) * 8,
+                                "a2a": (world - 1) * 8}
         assert out["twin_differs"]
         assert out["ring"] == list(range(world)) and out["gathered"] == list(range(world))
 
@@ -75,10 +85,89 @@ def _dead_peer(rank, world):
 
 
 @pytest.mark.timeout(60)
-def test_dead_peer_times_out_instead_of_hanging():
-    out = run_ranks(_dead_peer, 2, timeout_s=40, collective_timeout_s=30)
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_dead_peer_times_out_instead_of_hanging(shm):
+    out = run_ranks(_dead_peer, 2, timeout_s=40, collective_timeout_s=30, env={"DIST_SHM": shm})
     elapsed, msg = out[0]
     assert elapsed < 15, (elapsed, msg)
+
+
+def _streams(rank, world, sizes):
+    """Messages larger than the ring (DIST_SHM_MB is tiny here) in both directions at once, three
+    streams per pair posted in opposite orders on the two sides, several exchanges in flight, waited
+    in reverse order; every value is checked on the receiver against the sender's generator."""
+    from dist import comm
+
+    def payload(src, dst, tag, n, dtype):
+        g = torch.Generator().manual_seed(1000 * src + 10 * dst + tag)
+        return (torch.randn(n, generator=g) * 100).to(dtype)
+
+    peers = [r for r in range(world) if r != rank]
+    dtypes = {0: torch.float32, 1: torch.bfloat16, 2: torch.int64}
+    pending, checks = [], []
+    for step, n in enumerate(sizes):
+        ex = comm.Exchange()
+        tags = [0, 1, 2] if rank % 2 == 0 else [2, 1, 0]
+        for peer in peers:
+            for tag in tags:
+                ex.send(payload(rank, peer, tag, n + step, dtypes[tag]), peer, tag=tag)
+            for tag in reversed(tags):
+                buf = torch.empty(n + step, dtype=dtypes[tag])
+                ex.recv(buf, peer, tag=tag)
+                checks.append((buf, payload(peer, rank, tag, n + step, dtypes[tag])))
+        pending.append(ex.start())
+    for ex in reversed(pending):
+        ex.wait()
+    bad = sum(int(not torch.equal(got, want)) for got, want in checks)
+    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith("dist-")]
+    return dict(bad=bad, n=len(checks), shm=sorted(comm.Exchange()._shm_peers), leftovers=leftovers)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_streams_larger_than_the_ring(world):
+    sizes = [300_000, 5, 70_001, 0, 123_457]  # float32 300k = 1.2 MB > the 256 KiB ring
+    outs = run_ranks(_streams, world, sizes, timeout_s=90, env={"DIST_SHM": "1", "DIST_SHM_MB": "0.25"})
+    for rank, out in enumerate(outs):
+        assert out["shm"] == [r for r in range(world) if r != rank]
+        assert out["n"] == 3 * (world - 1) * len(sizes) and out["bad"] == 0, out
+        assert out["leftovers"] == []  # the rings are unlinked once both sides mapped them
+
+
+def _size_mismatch(rank, world):
+    from dist import comm
+
+    ex = comm.Exchange()
+    if rank == 0:
+        ex.send(torch.zeros(8), 1)
+    else:
+        ex.recv(torch.zeros(4), 0)
+    try:
+        ex.start().wait()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_size_mismatch_is_an_error():
+    out = run_ranks(_size_mismatch, 2, timeout_s=40, env={"DIST_SHM": "1", "DIST_COMM_TIMEOUT_S": "5"})
+    assert "32 bytes" in out[1] and "16 bytes" in out[1], out[1]
+
+
+def test_host_key_differs_across_network_namespaces():
+    """Testbed hosts are network namespaces on one machine: they must not share memory rings."""
+    from dist.comm import _host_key
+
+    code = "from dist.comm import _host_key; print(_host_key())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    same = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert int(same.stdout) == _host_key()
+    other = subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=root, timeout=60)
+    if other.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {other.stderr.strip()[:200]}")
+    assert int(other.stdout) != _host_key()
 
 
 def test_pack_rows_round_trip():
