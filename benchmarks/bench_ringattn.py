@@ -8,6 +8,11 @@ name DeepSpeed's "ulysses": ours did not exist then.)
     torchrun --nproc-per-node 2 benchmarks/bench_ringattn.py ...        # uses the env's process group
 
 efficiency = (single-rank time of the full sequence / P) / strategy time. One thread per rank.
+eff*  = the same against the single-rank step run by every rank at once ("all ranks"): what the
+machine allows when all its cores compute (shared caches, memory bandwidth; ranks > cores share
+cores), so eff* isolates what the strategy itself costs; ceiling = single / all ranks.
+Ranks on one host talk over dist.comm's shared-memory transport (DIST_SHM=0: gloo's TCP loopback);
+the transport used is recorded.
 Writes benchmarks/results/ringattn.json (or --json) and a dated markdown table beside it.
 """
 
@@ -171,12 +176,16 @@ def run_world(args, link_override):
             qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
             attention(qq, kk, vv, causal=args.causal).backward(dout)
 
+    def single_all():  # every rank at once: the baseline that shares the machine as the strategies do
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        attention(qq, kk, vv, causal=args.causal).backward(dout)
+
     def single_fwd():
         if rank == 0:
             with torch.no_grad():
                 attention(q, k, v, causal=args.causal)
 
-    steps["single"], steps["single_fwd"] = single, single_fwd
+    steps["single"], steps["single_all"], steps["single_fwd"] = single, single_all, single_fwd
     for strategy in args.strategies.split(","):
         layout = "contiguous" if strategy == "ds-ulysses" else args.layout
         mine = [shard(x, 1, rank, world, layout) for x in (q, k, v, dout)]
@@ -204,6 +213,7 @@ def run_world(args, link_override):
             if i >= args.warmup:
                 times[name].append(dt)
     t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
+    t_all = statistics.median(times["single_all"])
     w = workload(args, world, q.device.type)
     w_gpu = workload(args, world, "cuda", itemsize=2)  # the same call in bf16 on GPUs
     full = Workload(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, 1, args.causal,
@@ -227,7 +237,7 @@ def run_world(args, link_override):
         pred = predict(sim_name(strategy), w, link, cpu)
         rows.append(dict(
             strategy=strategy, world=world, median_s=med, min_s=lo, max_s=hi,
-            spread=(hi - lo) / med, efficiency=(t1 / world) / med,
+            spread=(hi - lo) / med, efficiency=(t1 / world) / med, efficiency_matched=(t_all / world) / med,
             bytes_per_rank=int(sent.item()) if strategy != "ds-ulysses" else model_bytes,
             bytes_source="counted" if strategy != "ds-ulysses" else "model",
             model_bytes_per_rank=model_bytes, predicted_s=pred.total_s, predicted_compute_s=pred.compute_s,
@@ -236,7 +246,8 @@ def run_world(args, link_override):
         ))
     comm.counters.reset()
     meta = dict(link=link.__dict__, compute=cpu.__dict__, single_s=t1, single_fwd_s=t1_fwd,
-                single_spread=(max(times["single"]) - min(times["single"])) / t1)
+                single_spread=(max(times["single"]) - min(times["single"])) / t1, single_all_s=t_all,
+                ceiling=t1 / t_all, transport="shared memory" if comm.Exchange()._shm_peers else dist.get_backend())
     return (rows, meta) if rank == 0 else None
 
 
@@ -261,10 +272,11 @@ def free_port():
 def print_rows(args, world, rows, meta):
     print(f"\nP={world}  s={args.seq_len} batch={args.batch} heads={args.heads}/{args.kv_heads} d={args.head_dim} "
           f"causal={args.causal} layout={args.layout} {args.dtype}; single rank {meta['single_s']:.3f} s "
-          f"(spread {100 * meta['single_spread']:.0f}%); "
+          f"(spread {100 * meta['single_spread']:.0f}%), all ranks at once {meta['single_all_s']:.3f} s "
+          f"(ceiling {meta['ceiling']:.3f}); {meta['transport']}: "
           f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us, "
           f"{meta['link'].get('cpu_s_per_byte', 0.0) * 1e9:.2f} CPU ms per MB moved")
-    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'MB/rank':>9} {'pred s':>8} {'meas/pred':>9}  "
+    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'eff*':>6} {'MB/rank':>9} {'pred s':>8} {'meas/pred':>9}  "
           f"GPU-predicted ms (h100, bf16): nvlink / pcie4 / pcie5 / ib200 / ib400")
     base = {r["strategy"]: r for r in rows if "median_s" in r}
     for r in rows:
@@ -273,7 +285,7 @@ def print_rows(args, world, rows, meta):
             continue
         g = r["gpu_predicted_ms"]
         print(f"{r['strategy']:10} {r['median_s']:9.3f} {100 * r['spread']:6.1f}% {r['efficiency']:6.3f} "
-              f"{r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
+              f"{r['efficiency_matched']:6.3f} {r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
               + " / ".join(f"{g[n]:.3f}" for n in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")))
     if "tokenring" in base:
         for other in ("ring", "allgather", "ulysses", "ds-ulysses"):
@@ -293,19 +305,24 @@ def write_results(args, all_rows, path):
              f"s={args.seq_len}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
              f"causal={args.causal}, layout={args.layout}, {args.dtype}, one thread per rank, "
              f"{args.repeats} repeats after {args.warmup} warm-up.", "",
-             "| P | strategy | median s | spread | efficiency | MB sent/rank | predicted s |", "|---|---|---|---|---|---|---|"]
+             "efficiency = (single rank / P) / median; eff* = (single step on every rank at once / P) / median.", "",
+             "| P | strategy | median s | spread | efficiency | eff* | MB sent/rank | predicted s |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in all_rows:
         for r in run["rows"]:
             if "median_s" in r:
                 lines.append(f"| {r['world']} | {r['strategy']} | {r['median_s']:.3f} | {100 * r['spread']:.1f}% | "
-                             f"{r['efficiency']:.3f} | {r['bytes_per_rank'] / 1e6:.2f} | {r['predicted_s']:.3f} |")
+                             f"{r['efficiency']:.3f} | {r['efficiency_matched']:.3f} | {r['bytes_per_rank'] / 1e6:.2f} | "
+                             f"{r['predicted_s']:.3f} |")
     for run in all_rows:
         base = {r["strategy"]: r for r in run["rows"] if "median_s" in r}
         if "tokenring" in base:
             ratios = ", ".join(f"{o} / tokenring = {base[o]['median_s'] / base['tokenring']['median_s']:.3f}"
                                for o in ("ring", "allgather", "ulysses", "ds-ulysses") if o in base)
             link = run["meta"]["link"]
-            lines.append(f"\nP={run['world']}: {ratios}; single rank {run['meta']['single_s']:.3f} s; link "
+            meta = run["meta"]
+            lines.append(f"\nP={run['world']}: {ratios}; single rank {meta['single_s']:.3f} s, every rank at once "
+                         f"{meta['single_all_s']:.3f} s (ceiling {meta['ceiling']:.3f}); {meta['transport']} link "
                          f"{link['bandwidth_Bps'] / 1e9:.2f} GB/s, {link.get('cpu_s_per_byte', 0.0) * 1e9:.2f} "
                          "CPU ms per MB moved (predictions include it).")
     md.write_text("\n".join(lines) + "\n")

@@ -43,6 +43,15 @@ def timeout() -> datetime.timedelta | None:
     return datetime.timedelta(seconds=float(value)) if value else None
 
 
+def _group_timeout(group) -> datetime.timedelta | None:
+    """The process group's own timeout (what its gloo messages would wait), None if unknown."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        return pg._get_backend(torch.device("cpu")).options._timeout
+    except (AttributeError, RuntimeError):  # a private API: torch's default applies then
+        return None
+
+
 class Counters:
     """Bytes and messages this rank sent, per label ("q", "kv", "out", ...). Reset with `reset()`."""
 
@@ -415,7 +424,11 @@ class _Shm:
         return moved
 
     def wait(self, ops: list[_Op], limit: datetime.timedelta | None) -> None:
-        """Advance everything until `ops` are done; RuntimeError on timeout or a dead peer."""
+        """Advance every pending message until `ops` are done; RuntimeError on timeout or a dead peer.
+
+        An Exchange waits here before it blocks on its backend (gloo) messages, so a rank blocked in
+        gloo has no shared-memory send unfinished (gloo's works cannot be polled: they complete in
+        their own wait)."""
         t0 = last_check = time.monotonic()
         seconds = limit.total_seconds() if limit is not None else 1800.0
         while True:
@@ -519,10 +532,12 @@ class Exchange:
     def wait(self) -> None:
         limit = timeout()
         works, self._works = self._works, []
-        for work in sorted(works, key=lambda w: not isinstance(w, list)):  # shared memory first
-            if isinstance(work, list):
-                _SHM.wait(work, limit)
-            elif limit is None:
+        shm_ops = [op for w in works if isinstance(w, list) for op in w]
+        works = [w for w in works if not isinstance(w, list)]
+        if shm_ops:
+            _SHM.wait(shm_ops, limit or _group_timeout(self.group))
+        for work in works:
+            if limit is None:
                 work.wait()
             else:
                 work.wait(limit)

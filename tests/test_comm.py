@@ -65,12 +65,11 @@ def test_exchange_both_directions_and_counters(world, shm):
         assert out["ring"] == list(range(world)) and out["gathered"] == list(range(world))
 
 
-def _dead_peer(rank, world):
-    import os
-
+def _dead_peer(rank, world, limit="2"):
     from dist import comm
 
-    os.environ["DIST_COMM_TIMEOUT_S"] = "2"
+    if limit:
+        os.environ["DIST_COMM_TIMEOUT_S"] = limit
     ex = comm.Exchange()  # both ranks: creates the twin group
     if rank == 1:
         return None  # never sends
@@ -90,6 +89,14 @@ def test_dead_peer_times_out_instead_of_hanging(shm):
     out = run_ranks(_dead_peer, 2, timeout_s=40, collective_timeout_s=30, env={"DIST_SHM": shm})
     elapsed, msg = out[0]
     assert elapsed < 15, (elapsed, msg)
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_notices_a_peer_that_exited():
+    """No DIST_COMM_TIMEOUT_S and a 30 s group timeout: the peer's exit is seen within seconds."""
+    out = run_ranks(_dead_peer, 2, None, timeout_s=40, collective_timeout_s=30, env={"DIST_SHM": "1"})
+    elapsed, msg = out[0]
+    assert elapsed < 10 and "exited" in msg, (elapsed, msg)
 
 
 def _streams(rank, world, sizes):

@@ -51,9 +51,19 @@ _ALL_REDUCE = textwrap.dedent("""
     dist.init_process_group("gloo")
     t = torch.full((1 << 18,), float(dist.get_rank() + 1))   # 1 MiB, so the link sees it
     dist.all_reduce(t)
-    print(f"RESULT rank={dist.get_rank()} world={dist.get_world_size()} "
+    # TokenRing over 2 hosts x 2 ranks: same-host pairs on shared memory, the others over the shaped link
+    from dist import comm
+    from dist.kernels import attention
+    from dist.ringattn import ring_attention, shard
+    r, world = dist.get_rank(), dist.get_world_size()
+    shm = sorted(comm.global_rank(None, p) for p in comm.Exchange()._shm_peers)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    out = ring_attention(*(shard(x, 1, r, world) for x in (q, k, v)), strategy="tokenring")
+    err = (out - shard(attention(q, k, v, causal=True), 1, r, world)).abs().max().item()
+    print(f"RESULT rank={r} world={world} "
           f"local={os.environ['LOCAL_RANK']} ifname={os.environ['GLOO_SOCKET_IFNAME']} "
-          f"min={t.min().item()} max={t.max().item()}", flush=True)
+          f"min={t.min().item()} max={t.max().item()} shm={shm} err={err:.1e}", flush=True)
     dist.destroy_process_group()
 """)
 
@@ -116,7 +126,9 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
         script = tmp_path / "all_reduce.py"
         script.write_text(_ALL_REDUCE)
         sent_before = [_tc_sent_bytes(tb.ns(h), "eth0") for h in range(2)]
-        results = tb.run([str(script)], nproc_per_node=2, timeout_s=60, master_port=29611)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        results = tb.run([str(script)], nproc_per_node=2, timeout_s=60, master_port=29611,
+                         env={"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")})
         for r in results:
             assert r.returncode == 0 and not r.timed_out, r.output[-3000:]
         lines = [ln for r in results for ln in r.output.splitlines() if ln.startswith("RESULT")]
@@ -125,6 +137,9 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
         for ln in lines:
             assert "world=4" in ln and "ifname=eth0" in ln
             assert "min=10.0" in ln and "max=10.0" in ln  # 1 + 2 + 3 + 4
+            rank = int(re.search(r"rank=(\d+)", ln).group(1))
+            assert f"shm=[{rank ^ 1}]" in ln, ln  # only the other rank of its own host
+            assert float(re.search(r"err=(\S+)", ln).group(1)) < 1e-6, ln  # lse is float32 by contract
         # rank r runs on host r // 2 (node rank i holds ranks 2i, 2i+1)
         for r in results:
             host_ranks = sorted(int(re.search(r"rank=(\d+)", ln).group(1))
