@@ -192,6 +192,16 @@ def test_merge_attention():
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     out, lse = merge_attention(a_out, a_lse, empty_out, empty_lse)
     assert torch.equal(out, a_out) and torch.equal(lse, a_lse)
+    # in place into rows 2: of a running accumulator (views), the same as the returned merge
+    acc_out, acc_lse = torch.zeros(1, 8, 2, 8), torch.full((1, 2, 8), float("-inf"))
+    acc_out[:, 2:], acc_lse[:, :, 2:] = a_out.float(), a_lse.float()
+    got = merge_attention(acc_out[:, 2:], acc_lse[:, :, 2:], b_out.float(), b_lse.float(), inplace=True)
+    assert got[0].data_ptr() == acc_out[:, 2:].data_ptr()
+    _close(acc_out[:, 2:], full_out, 1e-6)
+    _close(acc_lse[:, :, 2:], full_lse, 1e-6)
+    assert torch.all(acc_out[:, :2] == 0) and torch.all(acc_lse[:, :, :2] == float("-inf"))  # other rows untouched
+    with pytest.raises(ValueError, match="inplace"):
+        merge_attention(a_out.bfloat16(), a_lse.float(), b_out.float(), b_lse.float(), inplace=True)
     # N-way merge of three blocks equals the full result
     parts = [ref_attention(q, k[:, s], v[:, s], causal=True, causal_offset=-2 - s.start)
              for s in (slice(0, 3), slice(3, 7), slice(7, 10))]

@@ -21,12 +21,14 @@ def _weights(lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 
 def merge_attention(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
-                    block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_lse: torch.Tensor, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attention results over disjoint key sets.
 
     out, block_out: [batch, seq, heads, dim]; lse, block_lse: [batch, heads, seq] float32.
     Computed in float32 (float64 if either out is float64). Returns (out, lse): out in `out.dtype`,
     lse float32 (float64 if lse is float64). Rows with lse = -inf in both inputs give out = 0, lse = -inf.
+    inplace=True writes the result into `out` and `lse` (views allowed: a running accumulator's
+    rows) and returns them; out must then be in the computation dtype, lse float32/float64.
     """
     if out.shape != block_out.shape:
         raise ValueError(f"block_out shape {tuple(block_out.shape)} != out shape {tuple(out.shape)}")
@@ -37,10 +39,16 @@ def merge_attention(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tenso
         raise ValueError(f"block_lse must have shape [batch, heads, seq] = {expected}, got {tuple(block_lse.shape)}")
     acc = torch.float64 if torch.float64 in (out.dtype, block_out.dtype) else torch.float32
     lse_acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    if inplace and (out.dtype != acc or lse.dtype != lse_acc):
+        raise ValueError(f"inplace=True needs out in {acc} and lse float32/float64, got {out.dtype} and {lse.dtype}")
     lse_a, lse_b = lse.to(lse_acc), block_lse.to(lse_acc)
     new_lse = torch.logaddexp(lse_a, lse_b)  # logaddexp(-inf, -inf) = -inf
     w_a = _weights(lse_a, new_lse).transpose(1, 2).unsqueeze(-1).to(acc)  # [batch, seq, heads, 1]
     w_b = _weights(lse_b, new_lse).transpose(1, 2).unsqueeze(-1).to(acc)
+    if inplace:  # one pass over out, no temporaries of its size
+        out.mul_(w_a).addcmul_(block_out.to(acc), w_b)
+        lse.copy_(new_lse)
+        return out, lse
     merged = w_a * out.to(acc) + w_b * block_out.to(acc)
     return merged.to(out.dtype), new_lse
 

@@ -86,9 +86,7 @@ class _Acc:
                 self.out, self.lse = block_out.to(self.dtype), block_lse.to(self.dtype)
                 return
             self._allocate()
-        o, l = merge_attention(self.out[:, start:stop], self.lse[:, :, start:stop], block_out, block_lse)
-        self.out[:, start:stop] = o
-        self.lse[:, :, start:stop] = l
+        merge_attention(self.out[:, start:stop], self.lse[:, :, start:stop], block_out, block_lse, inplace=True)
 
     def _allocate(self) -> None:
         b, n, h, _ = self.shape

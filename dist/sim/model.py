@@ -113,8 +113,10 @@ LINK_PROFILES = {
         LinkProfile("pcie-gen5", 48e9, 10e-6, 0.8, 36e9, "PCIe Gen5 x16 P2P, ~75% of 64 GB/s; bidirectional 80%"),
         LinkProfile("ib-200", 23e9, 5e-6, 1.0, 20e9, "InfiniBand HDR 200 Gb/s, one NIC per GPU"),
         LinkProfile("ib-400", 46e9, 5e-6, 1.0, 40e9, "InfiniBand NDR 400 Gb/s, one NIC per GPU"),
-        LinkProfile("gloo-loopback", 2e9, 50e-6, 1.0, None, "rough: gloo TCP on one host's loopback; "
-                    "benchmarks/bench_ringattn.py measures it"),
+        LinkProfile("gloo-loopback", 1.2e9, 300e-6, 1.0, None, "rough: gloo TCP on one host's loopback "
+                    "(DIST_SHM=0); benchmarks/bench_ringattn.py measures it"),
+        LinkProfile("cpu-shm", 3.4e9, 150e-6, 1.0, None, "rough: ranks of one host over dist.comm's shared "
+                    "memory; benchmarks/bench_ringattn.py measures it"),
     ]
 }
 
@@ -391,10 +393,12 @@ def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfi
 
 
 def default_link(device_type: str = "cpu") -> LinkProfile:
-    """$DIST_LINK_PROFILE (a built-in name) if set, else nvlink-h100 for CUDA and gloo-loopback for CPU."""
+    """$DIST_LINK_PROFILE (a built-in name) if set, else nvlink-h100 for CUDA and for CPU cpu-shm
+    (gloo-loopback with DIST_SHM=0)."""
     import os
 
-    name = os.environ.get("DIST_LINK_PROFILE") or ("nvlink-h100" if device_type == "cuda" else "gloo-loopback")
+    cpu = "gloo-loopback" if os.environ.get("DIST_SHM", "1") == "0" else "cpu-shm"
+    name = os.environ.get("DIST_LINK_PROFILE") or ("nvlink-h100" if device_type == "cuda" else cpu)
     if name not in LINK_PROFILES:
         raise ValueError(f"DIST_LINK_PROFILE must be one of {sorted(LINK_PROFILES)}, got {name!r}")
     return LINK_PROFILES[name]
