@@ -11,8 +11,7 @@ that one place knows:
 - how long to wait for a peer (`timeout()`; a dead peer raises instead of hanging);
 - how many bytes each rank sent, per label (`counters`), so tests can assert communication volume;
 - how ranks on one host talk: over shared memory (`_Shm`), not gloo's TCP loopback, for CPU tensors
-  on gloo groups (one copy in, one copy out, no socket and no helper thread; what NCCL does within a
-  node, for CPU runs). $DIST_SHM=0 turns it off; ranks in different network namespaces (the testbed's
+  on gloo groups (one copy in, one copy out, no socket; what NCCL does within a node, for CPU runs). $DIST_SHM=0 turns it off; ranks in different network namespaces (the testbed's
   hosts) or machines never use it.
 
 Peers are given as ranks *within* `group` (group order); `None` means the default group.
@@ -27,6 +26,7 @@ import os
 import platform
 import secrets
 import socket
+import threading
 import time
 from collections import Counter, deque
 
@@ -143,14 +143,15 @@ def direction_group(group, src: int, dst: int):
 # shared-memory transport for ranks on one host
 #
 # Every ordered pair (src, dst) of same-host ranks gets one ring buffer in a /dev/shm file that src
-# writes and dst reads: a control page (int64 `written` at byte 0, set by src; int64 `read` at byte
-# 64, set by dst; int64 capacity at byte 128) and `capacity` data bytes. A message is a 64-byte
-# header (group key, tag, nbytes) then its bytes, padded to 64; messages longer than the ring
-# stream through it. Sends are copied in when posted (as far as there is room), receives are copied
-# out in `wait()`; any wait advances every pending message of the process, so exchanges waited in
-# any order cannot deadlock. A message whose receive is not posted yet is parked (copied aside) and
-# handed over when it is: gloo's per-(group, tag) order, exactly. Ordering of the copy before the
-# counter update relies on x86's total store order, so the transport is x86-only.
+# writes and dst reads: a control page (int64 slots: [0] `written`, set by src; [8] `read`, set by
+# dst, a cache line apart; [16] capacity) and `capacity` data bytes. A message is a 64-byte header
+# (group key, tag, nbytes) then its bytes, padded to 64; messages longer than the ring stream
+# through it. Sends are copied in when posted (as far as there is room), receives are copied out in
+# `wait()`, and a helper thread keeps both moving while the rank is elsewhere; any wait advances
+# every pending message of the process, so exchanges waited in any order cannot deadlock. A message
+# that arrives before its receive is posted stays in the ring, or is parked (copied aside) when a
+# later message from the same peer is wanted: gloo's per-(group, tag) order, exactly. Ordering of
+# the copy before the counter update relies on x86's total store order, so the transport is x86-only.
 
 _SHM_HEADER = 4096
 _MSG_HEADER = 64
@@ -203,7 +204,7 @@ class _Ring:
         self.data = self.buf[_SHM_HEADER:]
         self.pos = 0  # our own counter (written for the writer, read for the reader)
         self.queue: deque = deque()  # writer: _Op sends in order
-        self.current = None  # reader: (destination uint8 view, nbytes, done callback) being filled
+        self.current = None  # reader: (destination uint8 view, done callback, nbytes) being filled
         self.got = 0  # reader: bytes of `current` copied
 
     def _copy(self, t: torch.Tensor, start: int, n: int, to_ring: bool) -> None:
@@ -280,6 +281,7 @@ class _Ring:
                 break
             self.pos += pad
             self.current = None
+            moved = True
             on_done()
         if moved:
             self.ctl[8] = self.pos
@@ -298,80 +300,110 @@ class _Op:
 
 
 class _Shm:
-    """The process's shared-memory links: rings per same-host peer (global ranks), and the matching
-    of arrived messages to posted receives per (peer, group key, tag)."""
+    """The process's shared-memory links: rings per same-host peer (global ranks), the matching of
+    arrived messages to posted receives per (peer, group key, tag), and a helper thread that keeps
+    messages moving while the rank is busy elsewhere (a blocking collective, a long compute): every
+    5 ms while something is pending, asleep otherwise; `wait` moves them at once. State is guarded
+    by one lock. Any error here is fatal to the job (the exchange that saw it is left half done)."""
+
+    POLL_S = 5e-3
 
     def __init__(self):
         self.out: dict[int, _Ring] = {}  # peer -> ring we write
         self.inp: dict[int, _Ring] = {}  # peer -> ring we read
         self.pids: dict[int, int] = {}
-        self.groups: dict = {}  # group -> (key, set of group ranks reached over shm)
+        self.groups: dict = {}  # group -> (key, group ranks reached over shm, whole group reached)
         self.posted: dict[tuple, deque] = {}  # (peer, key, tag) -> receives waiting for a message
         self.parked: dict[tuple, deque] = {}  # (peer, key, tag) -> [buffer, done, receive] arrived first
         self.active: set[int] = set()  # peers with queued sends
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
 
-    def setup(self, group) -> tuple[int, set]:
-        """Collective over `group` (once per group): find same-host members, build missing rings."""
+    def setup(self, group) -> tuple[int, set, bool]:
+        """Once per group, collective over its members when it is a gloo group (no collective for
+        other backends, which are the same on every member): find the members on this host, build
+        the rings still missing, and agree on the pairs that use them (both ends must have mapped
+        both rings). Returns (group key, group ranks reached, whether every pair of the group is)."""
         gk = group if group is not None else dist.group.WORLD
         if gk in self.groups:
             return self.groups[gk]
-        ranks = group_ranks(group)
-        me = dist.get_rank()
-        on = _shm_enabled() and dist.get_backend(group) == "gloo"
-        mine = torch.tensor([_host_key() if on else -1, os.getpid(), secrets.randbits(62)], dtype=torch.int64)
-        info = [torch.zeros_like(mine) for _ in ranks]
-        dist.all_gather(info, mine, group=group)
-        hosts, pids = [int(t[0]) for t in info], [int(t[1]) for t in info]
-        token = int(info[0][2])
-        local = [r for i, r in enumerate(ranks) if on and hosts[i] == int(mine[0]) and r != me]
-        new = [r for r in local if r not in self.out or self.pids.get(r) != pids[ranks.index(r)]]
-        path = lambda src, dst: f"/dev/shm/dist-{token:x}-{src}-{dst}"  # noqa: E731
-        ok = 1
+        if dist.get_backend(group) != "gloo":
+            self.groups[gk] = (0, set(), False)
+            return self.groups[gk]
+        ranks, me = group_ranks(group), dist.get_rank()
+        n, i_me = len(ranks), ranks.index(me)
+        on = _shm_enabled()
+        info = _gather(torch.tensor([_host_key() if on else -1, os.getpid(), secrets.randbits(62)]), group)
+        hosts, pids, token = [int(t[0]) for t in info], [int(t[1]) for t in info], int(info[0][2])
+        local = [i for i in range(n) if on and i != i_me and hosts[i] == hosts[i_me]]
+
+        def kept(i):  # rings built by an earlier group's setup, with the same process
+            r = ranks[i]
+            return r in self.out and r in self.inp and self.pids.get(r) == pids[i]
+
+        def path(src, dst):
+            return f"/dev/shm/dist-{token:x}-{src}-{dst}"
+
+        new = [i for i in local if not kept(i)]
+        created, rings_out, rings_in = [], {}, {}
+        reach = torch.zeros(n, dtype=torch.int64)
         try:
-            if new:
-                cap = _shm_capacity(len(local) * (len(local) + 1))
-                for r in new:
-                    self.out[r] = _Ring(path(me, r), cap)
-        except OSError as e:
-            log.warning("shared-memory transport off for rank %d (%s); its same-host peers use gloo", me, e)
-            ok = 0
-        flags = [torch.zeros(1, dtype=torch.int64) for _ in ranks]
-        dist.all_gather(flags, torch.tensor([ok]), group=group)
-        opened = 1
-        try:
-            for r in new:
-                if int(flags[ranks.index(r)]) and ok:
-                    self.inp[r] = _Ring(path(r, me), None)
-                    self.pids[r] = pids[ranks.index(r)]
-        except OSError as e:
-            log.error("shared-memory transport: cannot open the ring of a peer: %s", e)
-            opened = 0
-        dist.all_gather(flags, torch.tensor([opened]), group=group)  # everyone mapped what they need
-        for r in new:
+            ok = 1
             try:
-                os.unlink(path(me, r))  # mapped on both sides now: nothing is left in /dev/shm
-            except FileNotFoundError:
-                pass
-        if not all(int(f) for f in flags):
-            raise RuntimeError("shared-memory transport: a rank could not map its peers' rings "
-                               "(see its log); set DIST_SHM=0 to use gloo only")
-        reached = {ranks.index(r) for r in local if r in self.inp and r in self.out and self.pids.get(r) == pids[ranks.index(r)]}
-        if not ok:
-            reached = set()
-        for r in new:
-            if ranks.index(r) not in reached:
-                self.out.pop(r, None)
-                self.inp.pop(r, None)
-        self.groups[gk] = (token, reached)
-        if reached:
-            log.debug("shared-memory transport: rank %d reaches group ranks %s", me, sorted(reached))
+                cap = _shm_capacity(len(local) * (len(local) + 1)) if new else 0
+                for i in new:
+                    created.append(path(me, ranks[i]))
+                    rings_out[i] = _Ring(created[-1], cap)
+            except (OSError, RuntimeError) as e:
+                log.warning("shared-memory transport off for rank %d's new peers (%s); they use gloo", me, e)
+                ok, rings_out = 0, {}
+            oks = _gather(torch.tensor([ok]), group)
+            for i in new:
+                if ok and int(oks[i][0]):
+                    try:
+                        rings_in[i] = _Ring(path(ranks[i], me), None)
+                    except (OSError, RuntimeError) as e:
+                        log.warning("shared-memory transport: rank %d cannot map rank %d's ring (%s)", me, ranks[i], e)
+            for i in local:
+                reach[i] = int(kept(i) or (i in rings_out and i in rings_in))
+            reaches = _gather(reach, group)  # the reach matrix, the same on every member
+        finally:  # both ends have mapped both rings by now (or never will): nothing stays in /dev/shm,
+            # also when the peer died in between (its ring to us is ours to remove: only we open it)
+            for f in created + [path(ranks[i], me) for i in new]:
+                try:
+                    os.unlink(f)
+                except FileNotFoundError:
+                    pass
+        mutual = {(a, b) for a in range(n) for b in range(n) if a != b
+                  and int(reaches[a][b]) and int(reaches[b][a])}
+        pairs = {i for i in local if (i_me, i) in mutual}
+        for i in new:
+            if i in pairs:
+                r = ranks[i]
+                self.out[r], self.inp[r], self.pids[r] = rings_out[i], rings_in[i], pids[i]
+        whole = n > 1 and len(mutual) == n * (n - 1)
+        self.groups[gk] = (token, pairs, whole)
+        if pairs:
+            log.debug("shared-memory transport: rank %d reaches group ranks %s", me, sorted(pairs))
         return self.groups[gk]
 
-    def post_send(self, op: _Op) -> None:
-        self.out[op.peer].queue.append(op)
-        self.active.add(op.peer)
+    def post(self, sends: list[_Op], recvs: list[_Op]) -> None:
+        """Post an exchange's receives, then its sends, and copy in what fits now."""
+        with self.lock:
+            for op in recvs:
+                self._post_recv(op)
+            for op in sends:
+                self.out[op.peer].queue.append(op)
+                self.active.add(op.peer)
+            self.progress()
+        self.wake.set()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="dist-shm-progress", daemon=True)
+            self.thread.start()
 
-    def post_recv(self, op: _Op) -> None:
+    def _post_recv(self, op: _Op) -> None:
         key = (op.peer, op.key, op.tag)
         parked = self.parked.get(key)
         if parked:
@@ -393,7 +425,9 @@ class _Shm:
 
     def _deliver(self, peer: int):
         """Where the next message from `peer` goes: its posted receive; else, if a receive from that
-        peer is posted (so something behind it is wanted), a parked copy; else nowhere yet."""
+        peer is posted (so something behind it is wanted), a parked copy; else nowhere yet (it stays
+        in the ring; like a gloo send, it waits for a receive, and the parking keeps streams of
+        other tags or groups from blocking each other)."""
         def deliver(key, tag, nbytes):
             waiting = self.posted.get((peer, key, tag))
             if waiting:
@@ -414,6 +448,7 @@ class _Shm:
         return deliver
 
     def progress(self) -> bool:
+        """Move what can move (caller holds the lock); True if anything did."""
         moved = False
         for peer in list(self.active):
             moved |= self.out[peer].write()
@@ -423,16 +458,45 @@ class _Shm:
             moved |= ring.read(self._deliver(peer))
         return moved
 
-    def wait(self, ops: list[_Op], limit: datetime.timedelta | None) -> None:
-        """Advance every pending message until `ops` are done; RuntimeError on timeout or a dead peer.
+    def _pending(self) -> bool:
+        return bool(self.active) or any(self.posted.values()) or any(r.current for r in self.inp.values())
 
-        An Exchange waits here before it blocks on its backend (gloo) messages, so a rank blocked in
-        gloo has no shared-memory send unfinished (gloo's works cannot be polled: they complete in
-        their own wait)."""
+    def _run(self) -> None:
+        """Helper thread: keep pending messages moving while the rank does something else."""
+        while self.error is None:
+            with self.lock:
+                pending = self._pending()
+                if not pending:
+                    self.wake.clear()
+            if not pending:
+                self.wake.wait()
+                continue
+            time.sleep(self.POLL_S)
+            try:
+                with self.lock:
+                    self.progress()
+            except BaseException as e:  # noqa: BLE001 - handed to the next wait
+                self.error = e
+
+    def _peer_gone(self, peer: int) -> bool:
+        """The peer process has exited (gone, or a zombie not yet reaped)."""
+        try:
+            with open(f"/proc/{self.pids[peer]}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        except OSError:
+            return False
+
+    def wait(self, ops: list[_Op], limit: datetime.timedelta | None) -> None:
+        """Move messages until `ops` are done; RuntimeError on timeout or a dead peer."""
         t0 = last_check = time.monotonic()
         seconds = limit.total_seconds() if limit is not None else 1800.0
         while True:
-            moved = self.progress()
+            if self.error is not None:
+                raise RuntimeError(f"shared-memory transport failed: {self.error}") from self.error
+            with self.lock:
+                moved = self.progress()
             pending = [op for op in ops if not op.done]
             if not pending:
                 return
@@ -443,16 +507,20 @@ class _Shm:
             if now - last_check > 1.0:
                 last_check = now
                 for op in pending:
-                    try:
-                        os.kill(self.pids[op.peer], 0)
-                    except ProcessLookupError:
+                    if self._peer_gone(op.peer):
                         raise RuntimeError(f"rank {op.peer} (pid {self.pids[op.peer]}) exited while this rank "
-                                           "waited for its shared-memory messages") from None
-                    except PermissionError:
-                        pass
+                                           "waited for its shared-memory messages")
             if not moved:  # spin briefly, then yield the core, then sleep a little
                 waited = now - t0
                 time.sleep(0 if waited < 2e-3 else min(1e-3, waited / 20))
+
+
+def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """all_gather of a small int64 tensor over `group` (setup only; no byte counting)."""
+    t = t.to(torch.int64)
+    out = [torch.empty_like(t) for _ in range(group_size(group))]
+    dist.all_gather(out, t, group=group)
+    return out
 
 
 _SHM = _Shm()
@@ -482,10 +550,10 @@ class Exchange:
     def __init__(self, group=None):
         self.group = group
         self.rank = group_rank(group) if dist.is_initialized() else 0
-        self._shm_key, self._shm_peers = 0, set()
+        self._shm_key, self._shm_peers, self._shm_whole = 0, set(), False
         if dist.is_initialized() and group_size(group) > 1:
             twin_group(group)  # created on first use: every member constructs its first Exchange together
-            self._shm_key, self._shm_peers = _SHM.setup(group)
+            self._shm_key, self._shm_peers, self._shm_whole = _SHM.setup(group)
         self._ops: dict = {}
         self._shm_sends: list[_Op] = []
         self._shm_recvs: list[_Op] = []
@@ -520,11 +588,7 @@ class Exchange:
             self._works.extend(w for w in works if w is not None)
         self._ops = {}
         if self._shm_sends or self._shm_recvs:
-            for op in self._shm_recvs:
-                _SHM.post_recv(op)
-            for op in self._shm_sends:
-                _SHM.post_send(op)
-            _SHM.progress()  # sends are copied into the rings now, as far as they have room
+            _SHM.post(self._shm_sends, self._shm_recvs)  # sends are copied into the rings now, as far as they fit
             self._works.append(self._shm_sends + self._shm_recvs)
             self._shm_sends, self._shm_recvs = [], []
         return self
@@ -535,7 +599,7 @@ class Exchange:
         shm_ops = [op for w in works if isinstance(w, list) for op in w]
         works = [w for w in works if not isinstance(w, list)]
         if shm_ops:
-            _SHM.wait(shm_ops, limit or _group_timeout(self.group))
+            _SHM.wait(shm_ops, limit if limit is not None else _group_timeout(self.group))
         for work in works:
             if limit is None:
                 work.wait()
@@ -547,11 +611,12 @@ _COLLECTIVE_TAG = 1 << 40  # shared-memory collectives' messages, apart from eve
 
 
 def _over_shm(tensor: torch.Tensor, group) -> Exchange | None:
-    """An Exchange for a collective when every other member is reached over shared memory, else None."""
+    """An Exchange for a collective when every pair of members talks over shared memory (the same
+    answer on every member), else None."""
     if tensor.device.type != "cpu" or group_size(group) == 1:
         return None
     ex = Exchange(group)
-    return ex if len(ex._shm_peers) == group_size(group) - 1 else None
+    return ex if ex._shm_whole else None
 
 
 def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[torch.Tensor]:

@@ -126,7 +126,8 @@ def _streams(rank, world, sizes):
     for ex in reversed(pending):
         ex.wait()
     bad = sum(int(not torch.equal(got, want)) for got, want in checks)
-    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith("dist-")]
+    token = comm.Exchange()._shm_key
+    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"dist-{token:x}-")]
     return dict(bad=bad, n=len(checks), shm=sorted(comm.Exchange()._shm_peers), leftovers=leftovers)
 
 
@@ -189,3 +190,114 @@ def test_pack_rows_round_trip():
     bufs = [torch.empty_like(p).copy_(p) for p in packed]  # as received
     for x, y in zip(comm.unpack_rows(bufs, spec), (a, b, c)):
         assert torch.equal(x, y)
+
+
+def _blocked_elsewhere(rank, world):
+    """A message 4x the ring, and the receiver in a barrier before it waits for it: gloo finishes
+    such sends in the background, and so must the shared-memory transport (its helper thread)."""
+    import torch.distributed as dist
+
+    from dist import comm
+
+    ex = comm.Exchange()
+    big = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB through a 1 MiB ring
+    got = torch.empty_like(big)
+    ex.send(big, 1) if rank == 0 else ex.recv(got, 0)
+    ex.start()
+    if rank == 0:
+        ex.wait()
+        dist.barrier()
+    else:
+        dist.barrier()
+        ex.wait()
+    return bool(ex._shm_peers) and (rank == 0 or torch.equal(got, big))
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_moves_while_the_rank_is_blocked_elsewhere():
+    outs = run_ranks(_blocked_elsewhere, 2, timeout_s=40, collective_timeout_s=20,
+                     env={"DIST_SHM": "1", "DIST_SHM_MB": "1", "DIST_COMM_TIMEOUT_S": "15"})
+    assert outs == [True, True]
+
+
+def _fallback_agreed(rank, world):
+    """Ranks 0-1 built their rings in an earlier group; in the world group rank 1 cannot allocate its
+    ring to rank 2. Every pair must agree on its transport, and collectives on theirs."""
+    import torch.distributed as dist
+
+    from dist import comm
+
+    pair = dist.new_group([0, 1])
+    if rank < 2:
+        comm.Exchange(pair)
+    if rank == 1:
+        comm._shm_capacity = lambda segments: 1 << 50  # posix_fallocate fails: the designed fallback
+    ex = comm.Exchange()
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    got = torch.zeros(4)
+    ex.send(torch.arange(4.0) + rank, nxt).recv(got, prv).start().wait()
+    gathered = comm.all_gather(torch.tensor([rank]), None, "meta")
+    return sorted(ex._shm_peers), ex._shm_whole, got.tolist(), [int(x) for x in gathered]
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_fallback_is_agreed_by_both_ends():
+    outs = run_ranks(_fallback_agreed, 3, timeout_s=40, collective_timeout_s=20,
+                     env={"DIST_SHM": "1", "DIST_COMM_TIMEOUT_S": "10"})
+    assert [o[0] for o in outs] == [[1, 2], [0], [0]]  # 0-1 kept their rings, 1-2 fell back to gloo
+    for rank, (_, whole, got, gathered) in enumerate(outs):
+        assert not whole and gathered == [0, 1, 2]
+        assert got == [float(x + (rank - 1) % 3) for x in range(4)]
+
+
+def _dies_in_setup(rank, world):
+    import torch.distributed as dist
+
+    from dist import comm
+
+    real, calls = dist.all_gather, [0]
+
+    def all_gather(*a, **k):  # twin group's count, setup's info, then setup's flags: rank 0 dies there
+        calls[0] += 1
+        if rank == 0 and calls[0] == 3:
+            os._exit(3)
+        return real(*a, **k)
+
+    dist.all_gather = all_gather
+    try:
+        comm.Exchange()
+    except RuntimeError:
+        pass
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("dist-"))
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_rings_do_not_outlive_a_failed_setup():
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("dist-")}
+    with pytest.raises(RuntimeError, match="rank 0 exited"):
+        run_ranks(_dies_in_setup, 2, timeout_s=40, collective_timeout_s=8, env={"DIST_SHM": "1"})
+    assert {f for f in os.listdir("/dev/shm") if f.startswith("dist-")} <= before
+
+
+def _nccl_like(rank, world, port):
+    """A group whose only backend serves CUDA tensors (as an NCCL group): no CPU collective at setup."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dist import comm
+
+    dist.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        ex = comm.Exchange()
+        return sorted(ex._shm_peers)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_exchange_on_a_group_without_cpu_backend_needs_no_cpu_collective():
+    from tests.multirank import free_port
+
+    assert run_ranks(_nccl_like, 2, free_port(), timeout_s=40, init_group=False) == [[], []]
