@@ -171,14 +171,13 @@ def run_world(args, link_override):
     link = link_override or measure_link()
     steps, skipped = {}, {}
 
-    def single():
-        if rank == 0:
-            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-            attention(qq, kk, vv, causal=args.causal).backward(dout)
-
     def single_all():  # every rank at once: the baseline that shares the machine as the strategies do
         qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
         attention(qq, kk, vv, causal=args.causal).backward(dout)
+
+    def single():
+        if rank == 0:
+            single_all()
 
     def single_fwd():
         if rank == 0:
@@ -247,7 +246,7 @@ def run_world(args, link_override):
     comm.counters.reset()
     meta = dict(link=link.__dict__, compute=cpu.__dict__, single_s=t1, single_fwd_s=t1_fwd,
                 single_spread=(max(times["single"]) - min(times["single"])) / t1, single_all_s=t_all,
-                ceiling=t1 / t_all, transport="shared memory" if comm.Exchange()._shm_peers else dist.get_backend())
+                ceiling=t1 / t_all, transport="shared memory" if comm.shm_peers() else dist.get_backend())
     return (rows, meta) if rank == 0 else None
 
 

@@ -607,6 +607,12 @@ class Exchange:
                 work.wait(limit)
 
 
+def shm_peers(group=None) -> list[int]:
+    """Ranks of `group` (group order) that this rank reaches over shared memory. Every member must
+    call it the first time for a group, as for its first Exchange (it is one)."""
+    return sorted(Exchange(group)._shm_peers)
+
+
 _COLLECTIVE_TAG = 1 << 40  # shared-memory collectives' messages, apart from every user tag
 
 

@@ -46,7 +46,7 @@ def _exchange(rank, world):
     return dict(from_next=from_next[0, 0].item(), from_prev=from_prev[0].item(), ra=ra[0].item(), rb=rb[0].item(),
                 bytes=dict(comm.counters.bytes), twin_differs=twin is not dist.group.WORLD and twin is not None,
                 ring=comm.group_ranks(), gathered=[int(x) for x in gathered], spread=spread.tolist(),
-                shm_peers=sorted(comm.Exchange()._shm_peers))
+                shm_peers=comm.shm_peers())
 
 
 @pytest.mark.timeout(90)
@@ -128,7 +128,7 @@ def _streams(rank, world, sizes):
     bad = sum(int(not torch.equal(got, want)) for got, want in checks)
     token = comm.Exchange()._shm_key
     leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"dist-{token:x}-")]
-    return dict(bad=bad, n=len(checks), shm=sorted(comm.Exchange()._shm_peers), leftovers=leftovers)
+    return dict(bad=bad, n=len(checks), shm=comm.shm_peers(), leftovers=leftovers)
 
 
 @pytest.mark.timeout(120)

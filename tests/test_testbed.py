@@ -56,7 +56,7 @@ _ALL_REDUCE = textwrap.dedent("""
     from dist.kernels import attention
     from dist.ringattn import ring_attention, shard
     r, world = dist.get_rank(), dist.get_world_size()
-    shm = sorted(comm.global_rank(None, p) for p in comm.Exchange()._shm_peers)
+    shm = comm.shm_peers()  # group ranks of the world group = global ranks
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 64, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
     out = ring_attention(*(shard(x, 1, r, world) for x in (q, k, v)), strategy="tokenring")
