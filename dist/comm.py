@@ -19,6 +19,7 @@ Peers are given as ranks *within* `group` (group order); `None` means the defaul
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import logging
@@ -38,9 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def timeout() -> datetime.timedelta | None:
-    """Per-message wait limit: $DIST_COMM_TIMEOUT_S seconds, else the process group's own timeout."""
-    value = os.environ.get("DIST_COMM_TIMEOUT_S")
-    return datetime.timedelta(seconds=float(value)) if value else None
+    """Per-message wait limit: $DIST_COMM_TIMEOUT_S seconds, else (unset or 0) the process group's own timeout."""
+    value = float(os.environ.get("DIST_COMM_TIMEOUT_S") or 0)
+    return datetime.timedelta(seconds=value) if value > 0 else None
 
 
 def _group_timeout(group) -> datetime.timedelta | None:
@@ -219,7 +220,7 @@ class _Ring:
 
     def write(self) -> bool:
         """Writer: copy queued sends into the ring as far as it has room; True if anything moved."""
-        moved = False
+        moved, finished = False, []
         while self.queue:
             op = self.queue[0]
             free = self.capacity - (self.pos - int(self.ctl[8]))
@@ -241,12 +242,12 @@ class _Ring:
             if op.done_bytes < op.nbytes or free < pad:
                 break
             self.pos += pad
-            op.done = True
-            self.queue.popleft()
-            moved = True
+            finished.append(self.queue.popleft())
         if self.pos != int(self.ctl[0]):
             self.ctl[0] = self.pos  # publish after the copies (x86: stores are seen in order)
             moved = True
+        for op in finished:  # done only once the peer can see it
+            op.done = True
         return moved
 
     def read(self, deliver) -> bool:
@@ -319,6 +320,7 @@ class _Shm:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self.stopping = False
         self.error: BaseException | None = None
 
     def setup(self, group) -> tuple[int, set, bool]:
@@ -379,10 +381,11 @@ class _Shm:
         mutual = {(a, b) for a in range(n) for b in range(n) if a != b
                   and int(reaches[a][b]) and int(reaches[b][a])}
         pairs = {i for i in local if (i_me, i) in mutual}
-        for i in new:
-            if i in pairs:
-                r = ranks[i]
-                self.out[r], self.inp[r], self.pids[r] = rings_out[i], rings_in[i], pids[i]
+        with self.lock:  # the helper thread walks these dicts
+            for i in new:
+                if i in pairs:
+                    r = ranks[i]
+                    self.out[r], self.inp[r], self.pids[r] = rings_out[i], rings_in[i], pids[i]
         whole = n > 1 and len(mutual) == n * (n - 1)
         self.groups[gk] = (token, pairs, whole)
         if pairs:
@@ -391,6 +394,7 @@ class _Shm:
 
     def post(self, sends: list[_Op], recvs: list[_Op]) -> None:
         """Post an exchange's receives, then its sends, and copy in what fits now."""
+        self._raise_error()
         with self.lock:
             for op in recvs:
                 self._post_recv(op)
@@ -402,6 +406,17 @@ class _Shm:
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="dist-shm-progress", daemon=True)
             self.thread.start()
+            atexit.register(self._stop)  # before the interpreter kills daemon threads mid-copy
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=2.0)
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"shared-memory transport failed: {self.error}") from self.error
 
     def _post_recv(self, op: _Op) -> None:
         key = (op.peer, op.key, op.tag)
@@ -463,20 +478,21 @@ class _Shm:
 
     def _run(self) -> None:
         """Helper thread: keep pending messages moving while the rank does something else."""
-        while self.error is None:
-            with self.lock:
-                pending = self._pending()
-                if not pending:
-                    self.wake.clear()
-            if not pending:
-                self.wake.wait()
-                continue
-            time.sleep(self.POLL_S)
-            try:
+        try:
+            while not self.stopping:
                 with self.lock:
-                    self.progress()
-            except BaseException as e:  # noqa: BLE001 - handed to the next wait
-                self.error = e
+                    pending = self._pending()
+                    if not pending:
+                        self.wake.clear()
+                if not pending:
+                    self.wake.wait()
+                    continue
+                time.sleep(self.POLL_S)
+                with self.lock:
+                    if not self.stopping:
+                        self.progress()
+        except BaseException as e:  # noqa: BLE001 - raised by the next post or wait
+            self.error = e
 
     def _peer_gone(self, peer: int) -> bool:
         """The peer process has exited (gone, or a zombie not yet reaped)."""
@@ -493,8 +509,7 @@ class _Shm:
         t0 = last_check = time.monotonic()
         seconds = limit.total_seconds() if limit is not None else 1800.0
         while True:
-            if self.error is not None:
-                raise RuntimeError(f"shared-memory transport failed: {self.error}") from self.error
+            self._raise_error()
             with self.lock:
                 moved = self.progress()
             pending = [op for op in ops if not op.done]
@@ -599,7 +614,7 @@ class Exchange:
         shm_ops = [op for w in works if isinstance(w, list) for op in w]
         works = [w for w in works if not isinstance(w, list)]
         if shm_ops:
-            _SHM.wait(shm_ops, limit if limit is not None else _group_timeout(self.group))
+            _SHM.wait(shm_ops, limit or _group_timeout(self.group))
         for work in works:
             if limit is None:
                 work.wait()
