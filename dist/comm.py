@@ -44,13 +44,19 @@ def timeout() -> datetime.timedelta | None:
     return datetime.timedelta(seconds=value) if value > 0 else None
 
 
+_GROUP_TIMEOUTS: dict = {}
+
+
 def _group_timeout(group) -> datetime.timedelta | None:
-    """The process group's own timeout (what its gloo messages would wait), None if unknown."""
-    try:
-        pg = group if group is not None else dist.group.WORLD
-        return pg._get_backend(torch.device("cpu")).options._timeout
-    except (AttributeError, RuntimeError):  # a private API: torch's default applies then
-        return None
+    """The process group's own timeout (what its gloo messages would wait), None if unknown; looked
+    up once per group."""
+    pg = group if group is not None else dist.group.WORLD
+    if pg not in _GROUP_TIMEOUTS:
+        try:
+            _GROUP_TIMEOUTS[pg] = pg._get_backend(torch.device("cpu")).options._timeout
+        except (AttributeError, RuntimeError):  # a private API: torch's default applies then
+            _GROUP_TIMEOUTS[pg] = None
+    return _GROUP_TIMEOUTS[pg]
 
 
 class Counters:
@@ -293,8 +299,8 @@ class _Op:
     """A shared-memory send or receive: `view` is the tensor's bytes (uint8, flat)."""
 
     def __init__(self, tensor: torch.Tensor, peer: int, key: int, tag: int):
-        self.tensor, self.peer, self.key, self.tag = tensor, peer, key, tag
-        self.view = tensor.reshape(-1).view(torch.uint8)
+        self.peer, self.key, self.tag = peer, key, tag
+        self.view = tensor.reshape(-1).view(torch.uint8)  # shares the tensor's storage
         self.nbytes = self.view.numel()
         self.done_bytes = -1  # sends: header not written yet
         self.done = False
@@ -572,7 +578,8 @@ class Exchange:
         self._ops: dict = {}
         self._shm_sends: list[_Op] = []
         self._shm_recvs: list[_Op] = []
-        self._works: list = []
+        self._works: list = []  # the backend's (gloo/NCCL) works in flight
+        self._shm_posted: list[_Op] = []  # shared-memory sends and receives in flight
 
     def _add(self, op, tensor: torch.Tensor, src: int, dst: int, peer: int, tag: int) -> None:
         assert tensor.is_contiguous(), "point-to-point tensors must be contiguous"
@@ -604,16 +611,15 @@ class Exchange:
         self._ops = {}
         if self._shm_sends or self._shm_recvs:
             _SHM.post(self._shm_sends, self._shm_recvs)  # sends are copied into the rings now, as far as they fit
-            self._works.append(self._shm_sends + self._shm_recvs)
+            self._shm_posted += self._shm_sends + self._shm_recvs
             self._shm_sends, self._shm_recvs = [], []
         return self
 
     def wait(self) -> None:
         limit = timeout()
         works, self._works = self._works, []
-        shm_ops = [op for w in works if isinstance(w, list) for op in w]
-        works = [w for w in works if not isinstance(w, list)]
-        if shm_ops:
+        shm_ops, self._shm_posted = self._shm_posted, []
+        if shm_ops:  # first: a rank blocked in the backend then has no shared-memory send unfinished
             _SHM.wait(shm_ops, limit or _group_timeout(self.group))
         for work in works:
             if limit is None:
@@ -640,6 +646,17 @@ def _over_shm(tensor: torch.Tensor, group) -> Exchange | None:
     return ex if ex._shm_whole else None
 
 
+def _shm_collective(ex: Exchange, to: list[torch.Tensor], into: list[torch.Tensor]) -> None:
+    """Every member sends to[i] to member i and receives member i's into into[i] (its own: a copy)."""
+    me = ex.rank
+    into[me].copy_(to[me])
+    for i in range(len(to)):
+        if i != me:
+            ex._add(dist.isend, to[i], me, i, i, _COLLECTIVE_TAG)
+            ex._add(dist.irecv, into[i], i, me, i, _COLLECTIVE_TAG)
+    ex.start().wait()
+
+
 def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[torch.Tensor]:
     """All-gather equal-shaped tensors; returns one tensor per rank in group order.
 
@@ -653,13 +670,7 @@ def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[to
     if ex is None:
         dist.all_gather(out, tensor, group=group)
     else:
-        me = ex.rank
-        out[me].copy_(tensor)
-        for i in range(world):
-            if i != me:
-                ex._add(dist.isend, tensor, me, i, i, _COLLECTIVE_TAG)
-                ex._add(dist.irecv, out[i], i, me, i, _COLLECTIVE_TAG)
-        ex.start().wait()
+        _shm_collective(ex, [tensor] * world, out)
     counters.add(label, (world - 1) * tensor.numel() * tensor.element_size())
     return out
 
@@ -678,13 +689,7 @@ def all_to_all(tensor: torch.Tensor, group=None, label: str = "data") -> torch.T
     if ex is None:
         dist.all_to_all_single(out, tensor, group=group)
     else:
-        me = ex.rank
-        out[me].copy_(tensor[me])
-        for i in range(world):
-            if i != me:
-                ex._add(dist.isend, tensor[i], me, i, i, _COLLECTIVE_TAG)
-                ex._add(dist.irecv, out[i], i, me, i, _COLLECTIVE_TAG)
-        ex.start().wait()
+        _shm_collective(ex, list(tensor), list(out))
     counters.add(label, (world - 1) * tensor[0].numel() * tensor.element_size())
     return out
 

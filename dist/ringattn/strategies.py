@@ -5,7 +5,8 @@ its shard (L local tokens, layout "zigzag" or "contiguous", see layout.py); next
 (mod P). Block attention and the merge of partial results come from dist.kernels only. All
 messages go through dist.comm.Exchange, posted before the step's compute and waited after it;
 each direction between two ranks rides its own process group (the group and its twin), so
-traffic both ways over a link proceeds at once on gloo.
+traffic both ways over a link proceeds at once on gloo (ranks on one host use dist.comm's shared
+memory instead).
 
 tokenring  KV never moves. Q travels one hop per step towards prev (Q_a visits a-1, a-2, ...,
            a+1), carrying only the query rows that its remaining holders need (with zigzag +
