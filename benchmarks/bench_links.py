@@ -9,6 +9,7 @@ two directions on one connection run at about half rate per direction):
   shift     every rank sends N bytes to next, receives from previous (a KV ring step)
   exchange  every rank sends N bytes to next AND N to previous at once (a TokenRing step)
   alltoall  all_to_all_single, N bytes per rank split in p chunks (a Ulysses step)
+  allgather all_gather of N bytes from every rank (the KV all-gather strategy's step)
   shift_1g  the shift with both directions on ONE group (what the up/down split avoids)
 
 Times are the slowest rank's, median over repeats; latency = shift of a 64-byte
@@ -21,11 +22,13 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
   duplex        = t_send / t_shift                     rate while sending and receiving at
                                                        once, as a fraction of one-way
   alltoall_Bps  = N (p-1)/p / (t_alltoall - latency)   bytes leaving a rank per second
-  cpu_s_per_byte = compute time lost while a shift is   what moving a byte costs compute that
-                   in flight x cores / bytes moved       shares the machine's cores (TCP stack,
-                   (the interference pattern)            veth/bridge, shaping, caches)
-  busy_cpu_s_per_byte = the machine's busy CPU s during  the same seen in /proc/stat (a lower bound)
-                   shifts less its idle load / bytes
+  allgather_Bps = N (p-1) / (t_allgather - latency)    bytes reaching a rank per second
+  rate_while_computing = t_shifts alone /              the link's rate while every rank computes
+                   t_shifts beside compute             on the machine's cores, as a fraction of
+                   (the interference pattern, >= 1 s)  its idle rate (the ranks' transfers wait
+                                                       for the cores: TCP stack, shaping, wake-ups)
+  compute_lost_while_moving = compute lost /           the fraction of compute progress lost
+                   t_shifts beside compute             while the link carries data
 
 `exchange` checks the model's other assumption: a rank that sends to two peers
 shares one rate (true for one NIC per host, the switch topology); on the mesh
@@ -96,12 +99,6 @@ def _measure(args):
 
     n_elems = max(1, args.bytes // 4)
     records = []
-    # what the machine keeps busy with while nothing moves (other processes, timers), to subtract
-    dist.barrier()
-    busy0, wall0 = host_cpu_busy_s(), time.perf_counter()
-    time.sleep(1.0)
-    busy1 = host_cpu_busy_s()
-    idle_busy = None if busy0 is None else (busy1 - busy0) / (time.perf_counter() - wall0)
     dist.barrier()
     for p in sizes:
         g = groups[p]
@@ -115,6 +112,7 @@ def _measure(args):
             send = torch.ones(numel)
             recv = [torch.empty(numel) for _ in range(2)]
             a2a_in, a2a_out = torch.ones(numel), torch.empty(numel)  # numel: a multiple of p
+            gathered = [torch.empty(numel) for _ in range(p)] if name == "allgather" else []
 
             def run():
                 reqs = []
@@ -134,18 +132,19 @@ def _measure(args):
                     reqs.append(dist.irecv(recv[1], nxt, group=pair(nxt, rank), tag=2))
                 elif name == "alltoall":
                     dist.all_to_all_single(a2a_out, a2a_in, group=g["a2a"])
+                elif name == "allgather":
+                    dist.all_gather(gathered, send, group=g["a2a"])
                 for r in reqs:
                     r.wait()
             return run
 
-        for name in ("shift", "send", "exchange", "alltoall", "shift_1g"):
+        for name in ("shift", "send", "exchange", "alltoall", "allgather", "shift_1g"):
             for label, numel in (("small", 16), ("large", n_elems)):
                 if name == "alltoall":
                     numel = max(p, numel // p * p)
                 times = []
                 if member:
                     run = pattern(name, numel)
-                busy0, wall0 = host_cpu_busy_s(), time.perf_counter()
                 for i in range(args.warmup + args.repeats):
                     if member:
                         dist.barrier(group=g["ctrl"])
@@ -155,16 +154,13 @@ def _measure(args):
                         dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=g["ctrl"])
                         if i >= args.warmup:
                             times.append(dt.item())
-                busy1, wall1 = host_cpu_busy_s(), time.perf_counter()
                 if rank == 0:
                     records.append({"group_size": p, "pattern": name, "size": label, "bytes": numel * 4,
                                     "median_s": statistics.median(times),
                                     "min_s": min(times), "max_s": max(times),
-                                    "runs": args.warmup + args.repeats,
-                                    "busy_cpu_s": None if busy0 is None else busy1 - busy0,
-                                    "wall_s": wall1 - wall0, "idle_busy_cores": idle_busy})
-        if member:  # what a shift (every member sends N to next) costs the compute beside it
-            rec = interference(pattern("shift", n_elems), g["ctrl"], p * n_elems * 4, args.warmup, args.repeats)
+                                    "runs": args.warmup + args.repeats})
+        if member:  # how a shift (every member sends N to next) and compute beside it slow each other
+            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, args.repeats, min_s=1.0)
             if rank == 0:
                 records.append({"group_size": p, "pattern": "interference", "size": "large",
                                 "bytes": n_elems * 4, **rec})
@@ -175,60 +171,78 @@ def _measure(args):
     dist.destroy_process_group()
 
 
-def host_cpu_busy_s() -> float | None:
-    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat less idle and iowait);
-    None where /proc/stat is unavailable. Two readings around a transfer give its CPU cost."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 0.3) -> dict:
+    """How a transfer and the compute beside it on one machine's cores slow each other (TCP stack,
+    veth/bridge, shaping, wake-ups, caches on one side; ranks that hold the cores on the other).
 
+    Every rank of `group` calls this and computes, as the ranks of a benchmark do; `move()` posts this
+    rank's part of one transfer and waits for it (run in a helper thread; gloo waits release the GIL).
+    The transfer is repeated back to back until it lasts at least `min_s` (the same count on every
+    rank), so that timer ticks and time slices do not decide the figures. Per repeat: every rank
+    counts small matmuls for min_s / 2 (time per op, all ranks at once); the transfers run alone
+    (t_alone); they run again while every rank keeps computing (t_loaded, ops done). Then
 
-def interference(move, group, bytes_moved: int, warmup: int = 1, repeats: int = 5) -> dict:
-    """How much a transfer slows compute running beside it on the same machine: what moving bytes
-    costs the cores the ranks compute on (TCP stack, veth/bridge, shaping, wake-ups, caches).
+        rate_while_computing      = t_alone / t_loaded (at most 1)
+        compute_lost_while_moving = (t_loaded - ops x time per op) / t_loaded, averaged over ranks
 
-    Every rank of `group` calls this; `move()` posts this rank's part of the transfer and waits for
-    it (run in a helper thread; gloo waits release the GIL), `bytes_moved` is what all ranks send
-    together. Each rank times small matmuls alone, then keeps doing them while the transfer is in
-    flight: lost = transfer time - ops done x time per op alone. cpu_s_per_byte = mean lost per rank
-    x cores / bytes_moved, what dist.sim charges to overlapped compute when ranks share the cores.
+    medians over the repeats: what dist.sim's LinkProfile.overlap_s charges a step whose messages
+    overlap compute on shared cores.
     """
+    import math
+
     import torch
     import torch.distributed as dist
 
     a = torch.randn(128, 128)
-    per_op, lost, during = [], [], []
+
+    def ops_for(seconds: float) -> int:
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            torch.mm(a, a)
+            n += 1
+        return n
+
+    dist.barrier(group=group)
+    t0 = time.perf_counter()
+    move()
+    once = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(once, op=dist.ReduceOp.MAX, group=group)
+    rounds = max(1, math.ceil(min_s / max(once.item(), 1e-6)))
+
+    def moves():
+        for _ in range(rounds):
+            move()
+
+    alone, loaded, lost = [], [], []
     for i in range(warmup + repeats):
         dist.barrier(group=group)
-        t0 = time.perf_counter()
-        for _ in range(100):
-            torch.mm(a, a)
-        t_op = (time.perf_counter() - t0) / 100
+        t_op = min_s / 2 / max(1, ops_for(min_s / 2))
         dist.barrier(group=group)
-        mover = threading.Thread(target=move)
+        t0 = time.perf_counter()
+        moves()
+        t_alone = time.perf_counter() - t0
+        dist.barrier(group=group)
+        mover = threading.Thread(target=moves)
         ops, t0 = 0, time.perf_counter()
         mover.start()
         while mover.is_alive():
             torch.mm(a, a)
             ops += 1
-        t = time.perf_counter() - t0
         mover.join()
+        t_loaded = time.perf_counter() - t0
         if i >= warmup:
-            per_op.append(t_op)
-            during.append(t)
-            lost.append(max(0.0, t - ops * t_op))
-    total = torch.tensor([statistics.median(lost)], dtype=torch.float64)
-    dist.all_reduce(total, group=group)
-    mean_lost = total.item() / dist.get_world_size(group)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"op_s": statistics.median(per_op), "transfer_s": statistics.median(during), "mean_lost_s": mean_lost,
-            "cores": cores, "bytes_moved": bytes_moved, "cpu_s_per_byte": mean_lost * cores / bytes_moved}
+            alone.append(t_alone)
+            loaded.append(t_loaded)
+            lost.append(max(0.0, t_loaded - ops * t_op) / t_loaded)
+    figures = torch.tensor([statistics.median(alone), statistics.median(loaded), statistics.median(lost)],
+                           dtype=torch.float64)
+    slowest = figures[:2].clone()
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)  # a transfer ends with its slowest rank
+    dist.all_reduce(figures, group=group)
+    world = dist.get_world_size(group)
+    return {"rounds": rounds, "alone_s": slowest[0].item(), "loaded_s": slowest[1].item(),
+            "rate_while_computing": min(1.0, slowest[0].item() / slowest[1].item()),
+            "compute_lost_while_moving": figures[2].item() / world}
 
 
 def cpu_model() -> str:
@@ -260,23 +274,19 @@ def profiles_from_records(records, label, source, per_peer=False):
 
         n = by[(p, "shift", "large")]["bytes"]
         n_a2a = by[(p, "alltoall", "large")]["bytes"]
+        n_ag = by[(p, "allgather", "large")]["bytes"]
         send_bps = rate("send", n)
-        shift = by[(p, "shift", "large")]
-        busy = shift.get("busy_cpu_s")
-        if busy is not None and shift.get("idle_busy_cores") is not None:  # less the machine's idle load
-            busy = max(0.0, busy - shift["idle_busy_cores"] * shift["wall_s"])
-        interference = by.get((p, "interference", "large"))
+        interference = by.get((p, "interference", "large"), {})
         out.append({
             "name": f"{label}-p{p}",
             "bandwidth_Bps": send_bps,
             "latency_s": lat,
             "duplex": min(1.0, rate("shift", n) / send_bps),
             "alltoall_Bps": rate("alltoall", n_a2a * (p - 1) / p),
-            # what overlapped compute loses per byte moved: measured directly when the probe ran the
-            # interference pattern, else the machine's busy CPU time per byte (a lower bound)
-            "cpu_s_per_byte": (interference["cpu_s_per_byte"] if interference
-                               else busy / (p * n * shift["runs"]) if busy else 0.0),
-            "busy_cpu_s_per_byte": busy / (p * n * shift["runs"]) if busy else 0.0,
+            "allgather_Bps": rate("allgather", n_ag * (p - 1)),
+            # how the link and compute on the same cores slow each other (1 and 0 when not measured)
+            "rate_while_computing": interference.get("rate_while_computing", 1.0),
+            "compute_lost_while_moving": interference.get("compute_lost_while_moving", 0.0),
             "per_peer": per_peer,
             "group_size": p,
             "source": source,
@@ -309,7 +319,7 @@ def _write(args, world, records):
         if size != "large" or pattern == "interference":
             continue
         lat = by[(p, "shift", "small")]["median_s"]
-        nbytes = r["bytes"] * (p - 1) / p if pattern == "alltoall" else r["bytes"]
+        nbytes = {"alltoall": r["bytes"] * (p - 1) / p, "allgather": r["bytes"] * (p - 1)}.get(pattern, r["bytes"])
         t = r["median_s"] - lat if r["median_s"] > 2 * lat else r["median_s"]
         mbs = nbytes / t / 1e6
         ratio = f"{mbs * 8e6 / link_bps:.2f}" if link_bps else "-"
@@ -318,9 +328,10 @@ def _write(args, world, records):
     lines += ["", "shift_1g / shift: cost of both directions on one gloo group. exchange measured / model: "
               "a rank sending N to next and N to prev, against dist.sim's 2N / (bandwidth * duplex) through one NIC "
               "(N / (bandwidth * duplex) per link on a mesh).", "",
-              "CPU ms per MB moved: compute lost beside a shift x cores / bytes (busy CPU in /proc/stat in brackets).", "",
-              "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | CPU ms per MB moved | "
-              "shift_1g / shift | exchange measured / model |", "|---|---|---|---|---|---|---|---|"]
+              "rate while computing: shifts alone / shifts while every rank computes; compute lost: the fraction of "
+              "compute progress lost meanwhile (the interference pattern).", "",
+              "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | allgather MB/s | rate while computing "
+              "| compute lost | shift_1g / shift | exchange measured / model |", "|---|---|---|---|---|---|---|---|---|---|"]
     for prof in profiles:
         p = prof["group_size"]
         t_shift = by[(p, "shift", "large")]["median_s"]
@@ -331,8 +342,8 @@ def _write(args, world, records):
         model = 2 * prof["latency_s"] + per_link / (prof["bandwidth_Bps"] * prof["duplex"])
         exch = by[(p, "exchange", "large")]["median_s"] / model
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "
-                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['cpu_s_per_byte'] * 1e9:.2f} "
-                     f"({prof['busy_cpu_s_per_byte'] * 1e9:.2f}) | "
+                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['allgather_Bps'] / 1e6:.1f} | "
+                     f"{prof['rate_while_computing']:.2f} | {prof['compute_lost_while_moving']:.2f} | "
                      f"{one_group:.2f} | {exch:.2f} |")
     md = "\n".join(lines) + "\n"
     with open(args.markdown or os.path.splitext(args.json)[0] + ".md", "w") as f:

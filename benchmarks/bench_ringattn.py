@@ -40,7 +40,7 @@ from dist.ringattn import diag_tail, shard  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
 from benchmarks.bench_links import interference  # noqa: E402
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
-                      bytes_per_rank, load_link_profiles, predict)
+                      bytes_per_rank, link_profile, load_link_profiles, predict)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,7 +83,7 @@ def make_inputs(args, seed=0):
 
 def measure_link(nbytes=8 << 20, repeats=3):
     """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it.
-    cpu_s_per_byte: what that exchange costs the compute of every rank beside it (bench_links.interference)."""
+    How that exchange and the compute of every rank beside it slow each other: bench_links.interference."""
     rank, world = dist.get_rank(), dist.get_world_size()
     peer = 1 - rank if rank < 2 else None
     buf, small = torch.zeros(nbytes // 4), torch.zeros(1)
@@ -105,12 +105,13 @@ def measure_link(nbytes=8 << 20, repeats=3):
             exchange(size_buf)
             times.append(time.perf_counter() - t0)
         results[name] = min(times)
-    cpu = interference(lambda: exchange(buf), None, 2 * nbytes, warmup=1, repeats=repeats)["cpu_s_per_byte"]
+    shared = interference(lambda: exchange(buf), None, warmup=1, repeats=repeats)
     comm.counters.reset()
     lat = results["lat"]
     bw = nbytes / max(results["bw"] - lat, 1e-9)
     return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}",
-                       cpu_s_per_byte=cpu)
+                       rate_while_computing=shared["rate_while_computing"],
+                       compute_lost_while_moving=shared["compute_lost_while_moving"])
 
 
 def workload(args, world: int, device_type: str = "cpu", itemsize: int | None = None) -> Workload:
@@ -127,7 +128,7 @@ def repredict(doc: dict) -> dict:
     from the link and compute profiles the run measured and stored; the measurements stay as they were."""
     for run in doc["runs"]:
         meta, world = run["meta"], run["world"]
-        link, cpu = LinkProfile(**meta["link"]), ComputeProfile(**meta["compute"])
+        link, cpu = link_profile(meta["link"]), ComputeProfile(**meta["compute"])
         w = workload(doc["args"], world)
         for row in run["rows"]:
             if "median_s" in row:
@@ -220,8 +221,9 @@ def run_world(args, link_override):
     fwd_flops = full.block_flops(0, 0)
     cpu = ComputeProfile("measured-cpu", fwd_flops / t1_fwd, 2.5 * fwd_flops / max(t1 - t1_fwd, 1e-9),
                          "single-rank kernel time measured in this run")
-    if not q.is_cuda:  # every rank of this run shares this machine's cores (loopback or testbed)
-        cpu = cpu.shared(os.cpu_count() or 1)
+    if not q.is_cuda:  # every rank of this run shares this machine's cores (loopback or testbed), and
+        cores = os.cpu_count() or 1  # runs slower when all compute at once than alone: measured above
+        cpu = cpu.shared(cores, slowdown=max(1.0, t_all / (t1 * max(1.0, world / cores))))
     rows = []
     for strategy in args.strategies.split(","):
         if strategy in skipped:
@@ -268,13 +270,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _sharing(link: dict) -> str:
+    """How the link and the compute on the same cores slow each other, in words."""
+    return (f"link at {link.get('rate_while_computing', 1.0):.2f} of its rate while ranks compute, "
+            f"compute losing {100 * link.get('compute_lost_while_moving', 0.0):.0f}% while it carries data")
+
+
 def print_rows(args, world, rows, meta):
     print(f"\nP={world}  s={args.seq_len} batch={args.batch} heads={args.heads}/{args.kv_heads} d={args.head_dim} "
           f"causal={args.causal} layout={args.layout} {args.dtype}; single rank {meta['single_s']:.3f} s "
           f"(spread {100 * meta['single_spread']:.0f}%), all ranks at once {meta['single_all_s']:.3f} s "
           f"(ceiling {meta['ceiling']:.3f}); {meta['transport']}: "
           f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us, "
-          f"{meta['link'].get('cpu_s_per_byte', 0.0) * 1e9:.2f} CPU ms per MB moved")
+          f"{_sharing(meta['link'])}")
     print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'eff*':>6} {'MB/rank':>9} {'pred s':>8} {'meas/pred':>9}  "
           f"GPU-predicted ms (h100, bf16): nvlink / pcie4 / pcie5 / ib200 / ib400")
     base = {r["strategy"]: r for r in rows if "median_s" in r}
@@ -322,8 +330,7 @@ def write_results(args, all_rows, path):
             meta = run["meta"]
             lines.append(f"\nP={run['world']}: {ratios}; single rank {meta['single_s']:.3f} s, every rank at once "
                          f"{meta['single_all_s']:.3f} s (ceiling {meta['ceiling']:.3f}); {meta['transport']} link "
-                         f"{link['bandwidth_Bps'] / 1e9:.2f} GB/s, {link.get('cpu_s_per_byte', 0.0) * 1e9:.2f} "
-                         "CPU ms per MB moved (predictions include it).")
+                         f"{link['bandwidth_Bps'] / 1e9:.2f} GB/s, {_sharing(link)} (predictions include it).")
     md.write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path} and {md}")
 

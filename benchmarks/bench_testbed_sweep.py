@@ -8,7 +8,7 @@ collects every strategy's measured step time, bytes per rank and predicted time.
 `--loopback` runs the same on loopback without a testbed (no root needed).
 
   python benchmarks/bench_testbed_sweep.py --world-sizes 2,3,4 \
-      --rates 10gbit,1gbit,300mbit,100mbit --topologies mesh,switch --seq-len 3072
+      --rates 1gbit,200mbit,50mbit --topologies switch --repeats 5
 
 Writes benchmarks/results/bench_testbed_sweep.json and .md (override with --json).
 `--repredict` redoes every prediction of an existing JSON with the current dist.sim (from the
@@ -172,14 +172,22 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
              f"{'causal' if args.causal else 'full'}, layout {args.layout}; 1 rank per host. "
              "error = predicted / measured - 1."
              + (f" Predictions redone {now} by the current dist/sim from the stored profiles." if measured else ""), "",
-             "| link | P | probed MB/s | duplex | strategy | measured ms | predicted ms | error | "
+             "probed: the link's rate, its duplex fraction, and its rate while every rank computes (the probe's "
+             "interference pattern; the fraction of compute lost meanwhile in brackets).", "",
+             "| link | P | probed MB/s | duplex | while computing | strategy | measured ms | predicted ms | error | "
              "predicted compute ms | MB/rank | ring / this |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    errors = []
     for pt in points:
         link = pt["link"] if pt["link"] == "loopback" else f"{pt['topology']} {pt['rate']}"
         prof = pt.get("profile") or {}
         bw = f"{prof['bandwidth_Bps'] / 1e6:.0f}" if prof else "-"
         dup = f"{prof['duplex']:.2f}" if prof else "-"
+        if prof:
+            dup += (f" | {prof.get('rate_while_computing', 1.0):.2f} "
+                    f"({prof.get('compute_lost_while_moving', 0.0):.2f})")
+        else:
+            dup += " | -"
         if "rows" not in pt:
             lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | FAILED (rc={pt['returncode']}) "
                          "| | | | | | |")
@@ -195,10 +203,15 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
                              f"skipped: {r['skipped']} | | | | | |")
                 continue
             err = f"{pr / m - 1:+.1%}" if m and pr else "-"
+            if m and pr:
+                errors.append(abs(pr / m - 1))
             vs = f"{ring / m:.2f}x" if ring and m else "-"
             mb = f"{b / 1e6:.2f}" if b else "-"
             lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | {r['strategy']} | {ms(m)} | {ms(pr)} | "
                          f"{err} | {ms(r.get('predicted_compute_s'))} | {mb} | {vs} |")
+    if errors:
+        lines.append(f"\n{sum(e <= 0.10 for e in errors)} of {len(errors)} points within 10% of the measured time "
+                     f"(largest error {100 * max(errors):.1f}%).")
     for pt in points:
         if "rows" in pt and pt["returncode"] != 0:
             lines.append(f"\nNote: {pt.get('topology', pt['link'])} {pt.get('rate', '')} P={pt['world_size']}: "

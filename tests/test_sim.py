@@ -19,13 +19,17 @@ def test_builtin_and_loaded_profiles(tmp_path):
     path = tmp_path / "links.json"
     path.write_text(json.dumps({"profiles": [
         {"name": "veth-1g", "bandwidth_Bps": 1.2e8, "latency_s": 1e-4, "duplex": 0.9, "alltoall_Bps": 1e8,
-         "group_size": 2, "source": "measured", "cpu_s_per_byte": 2e-9, "per_peer": True},
+         "group_size": 2, "source": "measured", "per_peer": True, "allgather_Bps": 9e7,
+         "rate_while_computing": 0.5, "compute_lost_while_moving": 0.2, "cpu_s_per_byte": 2e-9},  # an older field
         {"name": "plain", "bandwidth_Bps": 1e9, "latency_s": 1e-5}]}))
     links = load_link_profiles(path)
     assert links["veth-1g"].duplex == 0.9 and links["veth-1g"].alltoall_Bps == 1e8
-    assert links["veth-1g"].cpu_s_per_byte == 2e-9 and links["veth-1g"].per_peer
+    assert links["veth-1g"].rate_while_computing == 0.5 and links["veth-1g"].compute_lost_while_moving == 0.2
+    assert links["veth-1g"].per_peer
+    assert links["veth-1g"].allgather_Bps == 9e7 and links["plain"].allgather_Bps is None
     assert links["plain"].duplex == 1.0 and links["plain"].alltoall_Bps is None
-    assert links["plain"].cpu_s_per_byte == 0.0 and not links["plain"].per_peer
+    assert links["plain"].rate_while_computing == 1.0 and links["plain"].compute_lost_while_moving == 0.0
+    assert not links["plain"].per_peer
     path.write_text(json.dumps({"profiles": [{"name": "x"}]}))
     with pytest.raises(ValueError, match="bandwidth_Bps"):
         load_link_profiles(path)
@@ -84,9 +88,10 @@ def test_where_each_wins_report(capsys):
     assert "nvlink-h100" in out and "best" in out
 
 
-def test_ranks_sharing_cores_and_cpu_cost_of_bytes():
-    """Ranks on one machine: P ranks on C < P cores take P / C as long; bytes moved over a link
-    with a CPU cost per byte stretch the overlapped compute they share the cores with."""
+def test_ranks_sharing_cores_and_links_that_slow_compute():
+    """Ranks on one machine: P ranks on C < P cores take P / C as long (times the measured slowdown of
+    all ranks computing at once); a link whose transfers and the compute beside them slow each other
+    stretches the steps where they overlap."""
     cpu = COMPUTE_PROFILES["cpu-1-thread"]
     w2, w4 = (Workload(1, 4096 // p, 8, 8, 64, p, True, "zigzag", 4, diag_tail=0.0) for p in (2, 4))
     free = LinkProfile("free", 1e15, 0.0)
@@ -96,14 +101,32 @@ def test_ranks_sharing_cores_and_cpu_cost_of_bytes():
     assert predict("allgather", w2, free, cpu.shared(2)).compute_s == pytest.approx(
         predict("allgather", w2, free, cpu).compute_s, rel=1e-9)  # as many cores as ranks: no change
 
-    costly = LinkProfile("costly", 1e15, 0.0, cpu_s_per_byte=1e-8)
-    base = predict("tokenring", w2, free, cpu.shared(2))
-    loaded = predict("tokenring", w2, costly, cpu.shared(2))
-    moved = sum(bytes_per_rank("tokenring", w2))
-    # every byte TokenRing sends overlaps compute, so the machine's 2 cores pay for all of them
-    assert loaded.total_s - base.total_s == pytest.approx(moved * 1e-8 / 2, rel=0.05)
-    assert predict("tokenring", w2, costly, cpu).total_s == pytest.approx(
-        predict("tokenring", w2, free, cpu).total_s)  # a device per rank: link CPU cost is not ours
+    assert predict("allgather", w4, free, cpu.shared(2, slowdown=1.25)).compute_s == pytest.approx(
+        2.5 * own.compute_s, rel=1e-9)
+
+    # with no interaction a step costs max(compute, messages); when each slows the other by half until
+    # one ends, the rest of the other runs at full speed
+    link = LinkProfile("nic", 1e8, 0.0)
+    assert link.overlap_s(0.2, 0.1) == 0.2 and link.overlap_s(0.1, 0.2) == 0.2
+    coupled = LinkProfile("coupled", 1e8, 0.0, rate_while_computing=0.5, compute_lost_while_moving=0.5)
+    assert coupled.overlap_s(0.1, 0.1) == pytest.approx(0.2)          # both end at 0.2 s
+    assert coupled.overlap_s(0.1, 0.3) == pytest.approx(0.2 + 0.2)    # compute ends at 0.2 s, 0.1 s of link done
+    assert coupled.overlap_s(0.3, 0.1) == pytest.approx(0.2 + 0.2)    # link ends at 0.2 s, 0.1 s of compute done
+    assert coupled.overlap_s(0.0, 0.1) == 0.1 and coupled.overlap_s(0.1, 0.0) == 0.1
+    slow = predict("tokenring", w2, LinkProfile("slow", 2e7, 0.0, rate_while_computing=0.5), cpu.shared(2))
+    fast = predict("tokenring", w2, LinkProfile("fast", 2e7, 0.0), cpu.shared(2))
+    assert slow.total_s > fast.total_s and slow.compute_s == fast.compute_s
+    with pytest.raises(ValueError, match="rate_while_computing"):
+        LinkProfile("bad", 1e8, 0.0, rate_while_computing=0.0)
+
+
+def test_transfer_charges_duplex_only_while_both_directions_carry():
+    """A rank that sends 2 MB and receives 1 MB: 1 MB each way at the duplex rate, then 1 MB one way at
+    the full rate (TokenRing's zigzag steps at P = 2 are this lopsided)."""
+    link = LinkProfile("half", 1e6, 1e-3, duplex=0.5)
+    assert link.transfer_s(2e6, 1e6, 2) == pytest.approx(2e-3 + 1e6 / 0.5e6 + 1e6 / 1e6)
+    assert link.transfer_s(1e6, 1e6, 1) == pytest.approx(1e-3 + 2.0)
+    assert link.transfer_s(1e6, 0, 1) == pytest.approx(1e-3 + 1.0)
 
 
 def test_allgather_rides_the_ring_rate_and_dkv_the_alltoall_rate():
@@ -182,12 +205,32 @@ def test_allgather_on_per_peer_links_pays_no_duplex():
     assert predict("allgather", w, nic, cpu).fwd_s - free == pytest.approx(3 * kv / 0.5e8, rel=1e-6)
 
 
+def test_measured_allgather_rate_replaces_the_ring_estimate():
+    """A profile that carries the backend's measured all-gather rate (bench_links' allgather pattern) is
+    charged that rate for the KV all-gather, whatever its shift rate and duplex say; the backward's
+    all_to_all is unaffected."""
+    from dataclasses import replace
+
+    w = Workload(1, 1024, 8, 8, 64, 4, True, "zigzag", 4)
+    nic = LinkProfile("nic", 1e8, 1e-4, 0.5, 1e8)
+    measured = replace(nic, allgather_Bps=2e7)
+    cpu = COMPUTE_PROFILES["cpu-1-thread"]
+    free = predict("allgather", w, LinkProfile("free", 1e18, 0.0), cpu).fwd_s
+    kv = 1024 * 2 * 8 * 64 * 4
+    assert predict("allgather", w, measured, cpu).fwd_s - free == pytest.approx(3 * 1e-4 + 3 * kv / 2e7, rel=1e-6)
+    assert predict("allgather", w, measured, cpu).bwd_s == pytest.approx(predict("allgather", w, nic, cpu).bwd_s)
+
+
 def test_profile_flags_are_checked(tmp_path):
     path = tmp_path / "links.json"
     path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0, "per_peer": "no"}]}))
     with pytest.raises(ValueError, match="per_peer"):
         load_link_profiles(path)
     path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0,
-                                              "cpu_s_per_byte": "lots"}]}))
+                                              "rate_while_computing": "lots"}]}))
     with pytest.raises(ValueError, match="profile 0"):
+        load_link_profiles(path)
+    path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0,
+                                              "compute_lost_while_moving": 1.5}]}))
+    with pytest.raises(ValueError, match="compute_lost_while_moving"):
         load_link_profiles(path)

@@ -3,7 +3,7 @@
 The model replays each strategy's schedule step by step, rank by rank, with the same block plan
 the implementation uses (dist.ringattn.layout.block), so bytes agree with what the code sends.
 For each step and rank it takes the block flops (at a compute rate) and the bytes the rank sends
-and receives (over a link: latency per message + bytes / bandwidth, at the `duplex` fraction when
+and receives (over a link: latency per message + bytes / bandwidth, at the `duplex` fraction while
 both directions carry data). Messages posted in a step overlap that step's compute, so
 
     step time = max over ranks of max(compute, communication);  total = sum of steps
@@ -12,13 +12,17 @@ plus the exposed messages after the last step. all-gather and Ulysses do not ove
 collectives add to compute. Small-block kernel inefficiency and merge costs are not modelled.
 
 When the ranks share a host's CPU cores (ComputeProfile.cores: the testbed and loopback runs on
-one machine) the cores bound a step too, and traffic slows the compute beside it (TCP stack,
-veth/bridge forwarding, shaping: LinkProfile.cpu_s_per_byte, the compute lost per byte moved,
-measured on that link by benchmarks/bench_links.py), so
+one machine) the cores bound a step too (compute = max(longest rank, sum over ranks / cores), at
+the rate measured with every rank computing at once), and messages and compute slow each other:
+a transfer waits for cores the ranks hold (TCP stack, veth/bridge forwarding, shaping, wake-ups)
+and takes CPU from them. The link profile carries both, measured on that link with every rank
+computing (benchmarks/bench_links.py's interference pattern): rate_while_computing (f, the link's
+rate as a fraction of its idle rate) and compute_lost_while_moving (g), and a step is
 
-    compute = max(max over ranks of flops / rate, (sum over ranks of flops / rate + bytes x cpu_s_per_byte) / cores)
+    both slowed until one ends, the other then at full speed (LinkProfile.overlap_s)
 
-GPU links move bytes by DMA (cpu_s_per_byte = 0) and each rank has its own device (cores = None).
+which is max(compute, communication) for f = 1, g = 0: GPU links move bytes by DMA and each rank
+has its own device (cores = None).
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ class LinkProfile:
     bandwidth_Bps: one-way bytes/s per rank; latency_s: per message; duplex: per-direction rate when
     both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
     alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex);
-    cpu_s_per_byte: compute time lost per byte carried, on the cores the ranks compute on when they
-    share a host (0 for DMA/RDMA links). Measured per link setting (benchmarks/bench_links.py's
-    interference pattern), not a constant of the machine: at slow rates a byte holds the CPU
-    longer (timer-driven shaping, wake-ups), so the figure grows as the rate falls;
+    rate_while_computing: the link's rate while the ranks compute on the cores its transfers also
+    need (ranks sharing a host), as a fraction of its idle rate (1 for DMA/RDMA links);
+    compute_lost_while_moving: the fraction of compute progress lost while the link carries data
+    (0 for DMA/RDMA links). Both measured per link setting with every rank computing
+    (benchmarks/bench_links.py's interference pattern), not constants of the machine;
     per_peer: every pair of ranks has its own link (a mesh of cables, the testbed's mesh), so a
-    rank's messages to different peers do not share a rate; False: one NIC per rank (a switch).
+    rank's messages to different peers do not share a rate; False: one NIC per rank (a switch);
+    allgather_Bps: bytes per second reaching each rank in an all-gather as the backend runs it (None:
+    modelled as a ring of shifts over bandwidth_Bps and duplex).
     """
 
     name: str
@@ -54,14 +61,38 @@ class LinkProfile:
     duplex: float = 1.0
     alltoall_Bps: float | None = None
     source: str = ""
-    cpu_s_per_byte: float = 0.0
     per_peer: bool = False
+    allgather_Bps: float | None = None
+    rate_while_computing: float = 1.0
+    compute_lost_while_moving: float = 0.0
+
+    def __post_init__(self):
+        if self.bandwidth_Bps <= 0 or self.latency_s < 0 or not 0 < self.duplex <= 1:
+            raise ValueError(f"link {self.name!r}: bandwidth_Bps must be > 0, latency_s >= 0 and duplex in (0, 1]")
+        if not 0 < self.rate_while_computing <= 1 or not 0 <= self.compute_lost_while_moving < 1:
+            raise ValueError(f"link {self.name!r}: rate_while_computing must be in (0, 1] and "
+                             f"compute_lost_while_moving in [0, 1)")
 
     def transfer_s(self, sent: float, recv: float, messages: int) -> float:
+        """Time to send `sent` and receive `recv` bytes: the part both directions carry at once at the
+        duplex rate, the rest of the longer one at the one-way rate."""
         if not sent and not recv:
             return 0.0
-        rate = self.bandwidth_Bps * (self.duplex if sent and recv else 1.0)
-        return messages * self.latency_s + max(sent, recv) / rate
+        both = min(sent, recv)
+        return (messages * self.latency_s + both / (self.bandwidth_Bps * self.duplex)
+                + (max(sent, recv) - both) / self.bandwidth_Bps)
+
+    def overlap_s(self, compute_s: float, comm_s: float) -> float:
+        """A step whose messages (comm_s at the idle rate) overlap compute_s of compute on the same
+        cores: both run slowed (the link at rate_while_computing, the compute losing
+        compute_lost_while_moving) until one ends; the other then goes on at full speed."""
+        f, g = self.rate_while_computing, self.compute_lost_while_moving
+        if compute_s <= 0 or comm_s <= 0 or (f == 1 and g == 0):
+            return max(compute_s, comm_s)
+        compute_ends, comm_ends = compute_s / (1 - g), comm_s / f
+        if compute_ends <= comm_ends:
+            return compute_ends + comm_s - compute_ends * f
+        return comm_ends + compute_s - comm_ends * (1 - g)
 
     def step_s(self, pairs: dict, rank: int, messages: int) -> float:
         """Time for `rank`'s messages of one step; pairs: {(src, dst): bytes} of every rank."""
@@ -77,6 +108,16 @@ class LinkProfile:
         rate = self.alltoall_Bps or self.bandwidth_Bps * self.duplex
         return messages * self.latency_s + sent / rate
 
+    def allgather_s(self, recv: float, messages: int, world: int) -> float:
+        """An all-gather in which each rank receives `recv` bytes (and sends its own share on)."""
+        if self.allgather_Bps:
+            return messages * self.latency_s + recv / self.allgather_Bps
+        if world <= 2:  # next == prev: both directions share one connection, as in an all-to-all
+            return self.alltoall_s(recv, messages)
+        # gloo's all-gather is a ring: a rank sends to next while it receives from prev (a shift); on
+        # per-peer links next and prev are different links, so each carries one direction
+        return self.transfer_s(recv, 0 if self.per_peer else recv, messages)
+
 
 @dataclass(frozen=True)
 class ComputeProfile:
@@ -89,19 +130,22 @@ class ComputeProfile:
     source: str = ""
     cores: float | None = None
 
-    def shared(self, cores: float) -> "ComputeProfile":
+    def shared(self, cores: float, slowdown: float = 1.0) -> "ComputeProfile":
         """This profile for single-threaded ranks that all run on `cores` cores of one machine (the
-        testbed's "hosts", loopback runs): P ranks on fewer cores get cores / P of the rate each,
-        and the cores also pay the link's per-byte CPU cost (see the module docstring)."""
-        return replace(self, cores=float(cores), source=f"{self.source}; ranks share {cores:g} cores")
+        testbed's "hosts", loopback runs): P ranks on fewer cores get cores / P of the rate each.
+        slowdown: how much slower the kernel runs when every rank computes at once than alone (shared
+        caches, memory bandwidth and, beyond `cores` ranks, time slices), measured by the caller."""
+        return replace(self, cores=float(cores), fwd_flops=self.fwd_flops / slowdown,
+                       bwd_flops=self.bwd_flops / slowdown,
+                       source=f"{self.source}; ranks share {cores:g} cores, {slowdown:.3f}x slower all at once")
 
-    def step_compute_s(self, flops: list, backward: bool, cpu_s: float = 0.0) -> float:
-        """Time of a step in which rank r computes flops[r] while the link spends cpu_s of CPU."""
+    def step_compute_s(self, flops: list, backward: bool) -> float:
+        """Time of a step in which rank r computes flops[r]."""
         rate = self.bwd_flops if backward else self.fwd_flops
         longest = max(flops) / rate if flops else 0.0
         if self.cores is None:
             return longest
-        return max(longest, (sum(flops) / rate + cpu_s) / self.cores)
+        return max(longest, sum(flops) / rate / self.cores)
 
 
 # Effective rates, derated from nominal (NVLink 4: 450 GB/s per direction per H100 SXM; PCIe Gen4/Gen5
@@ -129,24 +173,40 @@ COMPUTE_PROFILES = {
 }
 
 
+def link_profile(entry: dict) -> LinkProfile:
+    """A LinkProfile from one JSON entry (what load_link_profiles reads and benchmark results store);
+    fields it does not know (group_size, notes, figures of older probes) are left aside."""
+    if not isinstance(entry.get("per_peer", False), bool):
+        raise ValueError(f"per_peer must be true or false, got {entry.get('per_peer')!r}")
+
+    def number(key, default=None):
+        value = entry.get(key, default)
+        return None if value is None else float(value)
+
+    missing = [key for key in ("name", "bandwidth_Bps", "latency_s") if entry.get(key) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+
+    return LinkProfile(
+        name=entry["name"], bandwidth_Bps=number("bandwidth_Bps"), latency_s=number("latency_s"),
+        duplex=number("duplex", 1.0), alltoall_Bps=number("alltoall_Bps"), source=str(entry.get("source", "")),
+        per_peer=entry.get("per_peer", False), allgather_Bps=number("allgather_Bps"),
+        rate_while_computing=number("rate_while_computing", 1.0),
+        compute_lost_while_moving=number("compute_lost_while_moving", 0.0))
+
+
 def load_link_profiles(path) -> dict[str, LinkProfile]:
-    """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps",
-    "cpu_s_per_byte", "per_peer", ...}, ...]} (all but the first three optional)."""
+    """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps", "allgather_Bps",
+    "per_peer", "rate_while_computing", "compute_lost_while_moving", ...}, ...]} (all but the first three
+    optional)."""
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
         raise ValueError(f"{path}: expected a JSON object with a 'profiles' list")
     out = {}
     for i, entry in enumerate(data["profiles"]):
-        if not isinstance(entry.get("per_peer", False), bool):
-            raise ValueError(f"{path}: profile {i}: per_peer must be true or false, got {entry.get('per_peer')!r}")
         try:
-            out[entry["name"]] = LinkProfile(
-                name=entry["name"], bandwidth_Bps=float(entry["bandwidth_Bps"]), latency_s=float(entry["latency_s"]),
-                duplex=float(entry.get("duplex", 1.0)),
-                alltoall_Bps=None if entry.get("alltoall_Bps") is None else float(entry["alltoall_Bps"]),
-                source=str(entry.get("source", "")), cpu_s_per_byte=float(entry.get("cpu_s_per_byte", 0.0)),
-                per_peer=entry.get("per_peer", False))
+            out[entry["name"]] = link_profile(entry)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: profile {i} lacks or mistypes a field: {e}") from None
     return out
@@ -314,15 +374,17 @@ def _ulysses(w: Workload, backward: bool) -> list[Step]:
     else:
         first = n * w.q_row() * share                    # dout
         last = n * (w.q_row() + w.kv_row()) * share      # dq, dk, dv
+    calls = (3, 1) if not backward else (1, 3)           # one all_to_all per tensor, one after another
     total_flops = sum(w.block_flops(a, b) for a in range(p) for b in range(p)) / p * (2.5 if backward else 1.0)
     steps = []
-    for nbytes, flops in ((first, 0.0), (0, total_flops), (last, 0.0)):
+    for nbytes, flops, n_calls in ((first, 0.0, calls[0]), (0, total_flops, 0), (last, 0.0, calls[1])):
         s = _new_step(p)
         s.overlapped = nbytes == 0
         for r in range(p):
             s.flops[r] = flops
             s.sent[r] = s.recv[r] = int(nbytes) if p > 1 else 0
-            s.messages[r] = 3 * (p - 1) if nbytes and p > 1 else 0
+            # a latency per call: the backend posts a call's p - 1 peer messages at once
+            s.messages[r] = n_calls if nbytes and p > 1 else 0
         steps.append(s)
     return steps
 
@@ -369,18 +431,16 @@ def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backwar
     total = compute_only = 0.0
     for s in steps:
         comp = compute.step_compute_s(s.flops, backward)
-        if s.overlapped:  # the step's bytes cost host CPU while its compute runs
-            loaded = compute.step_compute_s(s.flops, backward, link.cpu_s_per_byte * sum(s.sent))
+        if s.overlapped:  # the step's messages run beside its compute
             comm = max(link.step_s(s.pairs, r, s.messages[r]) for r in range(len(s.flops)))
-            total += max(loaded, comm)
+            total += link.overlap_s(comp, comm)
         else:  # a blocking collective: its measured rate already includes its CPU cost
-            # gloo's all-gather is a ring: a rank sends to next while it receives from prev (a shift);
-            # with 2 ranks next == prev, and both directions share one connection, as in an all-to-all
-            # (on per-peer links the ring sends to next and receives from prev over two different links)
-            ring = s.collective == "all_gather" and len(s.flops) > 2
-            recv = (lambda sent: 0) if link.per_peer else (lambda sent: sent)
-            coll = (lambda sent, messages: link.transfer_s(sent, recv(sent), messages)) if ring else link.alltoall_s
-            total += comp + max(coll(s.sent[r], s.messages[r]) for r in range(len(s.flops)))
+            p = len(s.flops)
+            if s.collective == "all_gather":
+                coll = max(link.allgather_s(s.recv[r], s.messages[r], p) for r in range(p))
+            else:
+                coll = max(link.alltoall_s(s.sent[r], s.messages[r]) for r in range(p))
+            total += comp + coll
         compute_only += comp
     return total, compute_only
 
