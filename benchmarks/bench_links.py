@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--bytes", type=int, default=4 << 20, help="message size N per transfer")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--interference-s", type=float, default=1.0,
+                   help="least duration of the shifts beside compute in the interference pattern, s")
     p.add_argument("--label", default=None, help="profile name prefix (default from the setting)")
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results", "bench_links.json"))
     p.add_argument("--markdown", default=None, help="default: --json with .md")
@@ -160,7 +162,8 @@ def _measure(args):
                                     "min_s": min(times), "max_s": max(times),
                                     "runs": args.warmup + args.repeats})
         if member:  # how a shift (every member sends N to next) and compute beside it slow each other
-            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, args.repeats, min_s=1.0)
+            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, args.repeats,
+                               min_s=args.interference_s)
             if rank == 0:
                 records.append({"group_size": p, "pattern": "interference", "size": "large",
                                 "bytes": n_elems * 4, **rec})
@@ -357,6 +360,7 @@ def _write(args, world, records):
 # ---------------------------------------------------------------------------------------------
 def _forward_args(args) -> list[str]:
     out = ["--bytes", str(args.bytes), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+           "--interference-s", str(args.interference_s),
            "--json", os.path.abspath(args.json), "--timeout", str(args.timeout)]
     if args.markdown:
         out += ["--markdown", os.path.abspath(args.markdown)]
