@@ -25,7 +25,7 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
   allgather_Bps = N (p-1) / (t_allgather - latency)    bytes reaching a rank per second
   rate_while_computing = t_shifts alone /              the link's rate while every rank computes
                    t_shifts beside compute             on the machine's cores, as a fraction of
-                   (the interference pattern, >= 1 s)  its idle rate (the ranks' transfers wait
+                   (the interference pattern)          its idle rate (the ranks' transfers wait
                                                        for the cores: TCP stack, shaping, wake-ups)
   compute_lost_while_moving = compute lost /           the fraction of compute progress lost
                    t_shifts beside compute             while the link carries data
@@ -64,8 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--bytes", type=int, default=4 << 20, help="message size N per transfer")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--interference-s", type=float, default=1.0,
-                   help="least duration of the shifts beside compute in the interference pattern, s")
+    p.add_argument("--interference-s", type=float, default=0.0,
+                   help="least duration of the shifts beside compute in the interference pattern, s "
+                        "(0: one shift of --bytes, about what a ring step moves; the pattern runs 3 x --repeats)")
     p.add_argument("--label", default=None, help="profile name prefix (default from the setting)")
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results", "bench_links.json"))
     p.add_argument("--markdown", default=None, help="default: --json with .md")
@@ -162,7 +163,7 @@ def _measure(args):
                                     "min_s": min(times), "max_s": max(times),
                                     "runs": args.warmup + args.repeats})
         if member:  # how a shift (every member sends N to next) and compute beside it slow each other
-            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, args.repeats,
+            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, 3 * args.repeats,
                                min_s=args.interference_s)
             if rank == 0:
                 records.append({"group_size": p, "pattern": "interference", "size": "large",
@@ -174,16 +175,19 @@ def _measure(args):
     dist.destroy_process_group()
 
 
-def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 0.3) -> dict:
+def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 0.0) -> dict:
     """How a transfer and the compute beside it on one machine's cores slow each other (TCP stack,
     veth/bridge, shaping, wake-ups, caches on one side; ranks that hold the cores on the other).
 
     Every rank of `group` calls this and computes, as the ranks of a benchmark do; `move()` posts this
     rank's part of one transfer and waits for it (run in a helper thread; gloo waits release the GIL).
     The transfer is repeated back to back until it lasts at least `min_s` (the same count on every
-    rank), so that timer ticks and time slices do not decide the figures. Per repeat: every rank
-    counts small matmuls for min_s / 2 (time per op, all ranks at once); the transfers run alone
-    (t_alone); they run again while every rank keeps computing (t_loaded, ops done). Then
+    rank; 0: once). Measure at the size of the messages the model will be asked about: on the
+    testbed a long run of back-to-back shifts beside compute slows down far more (0.15-0.26 of the
+    rate for 4 ranks on 2 cores at 1 Gbit/s over 1 s) than one step-sized shift does (0.7), and ring
+    steps move one message each. Per repeat: every rank counts small matmuls for at least 0.1 s
+    (time per op, all ranks at once); the transfers run alone (t_alone); they run again while every
+    rank keeps computing (t_loaded, ops done). Then
 
         rate_while_computing      = t_alone / t_loaded (at most 1)
         compute_lost_while_moving = (t_loaded - ops x time per op) / t_loaded, averaged over ranks
@@ -211,6 +215,7 @@ def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 
     once = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     dist.all_reduce(once, op=dist.ReduceOp.MAX, group=group)
     rounds = max(1, math.ceil(min_s / max(once.item(), 1e-6)))
+    calibrate_s = max(0.1, rounds * once.item() / 2)
 
     def moves():
         for _ in range(rounds):
@@ -219,7 +224,7 @@ def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 
     alone, loaded, lost = [], [], []
     for i in range(warmup + repeats):
         dist.barrier(group=group)
-        t_op = min_s / 2 / max(1, ops_for(min_s / 2))
+        t_op = calibrate_s / max(1, ops_for(calibrate_s))
         dist.barrier(group=group)
         t0 = time.perf_counter()
         moves()
