@@ -151,8 +151,7 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
         assert all(a - b > (1 << 20) // 2 for a, b in zip(sent_after, sent_before)), (sent_before, sent_after)
         # the link probe across the same testbed writes profiles dist.sim reads, near the setting
         links = tmp_path / "links.json"
-        bench_links.probe_testbed(tb, ["--bytes", str(2 << 20), "--repeats", "3", "--interference-s", "0.3",
-                                       "--json", str(links)],
+        bench_links.probe_testbed(tb, ["--bytes", str(2 << 20), "--repeats", "3", "--json", str(links)],
                                   timeout_s=60, master_port=29612)
         prof = load_link_profiles(str(links))["testbed-switch-200mbit-p2"]
         assert 0.8 * rate / 8 <= prof.bandwidth_Bps <= 1.2 * rate / 8, prof
@@ -189,7 +188,6 @@ def test_link_probe_on_loopback(tmp_path):
     """bench_links without a testbed (no root needed): torchrun on loopback, 2 ranks."""
     out = tmp_path / "links.json"
     cmd = [sys.executable, bench_links.__file__, "--world-size", "2", "--bytes", str(1 << 16), "--repeats", "2",
-           "--interference-s", "0.3",
            "--json", str(out), "--timeout", "100"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
