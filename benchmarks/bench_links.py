@@ -12,7 +12,11 @@ two directions on one connection run at about half rate per direction):
   allgather all_gather of N bytes from every rank (the KV all-gather strategy's step)
   shift_1g  the shift with both directions on ONE group (what the up/down split avoids)
 
-Times are the slowest rank's, median over repeats; latency = shift of a 64-byte
+Times are the slowest rank's, median over repeats (NOISY x --repeats for the
+collectives and the interference pattern, which vary call to call: gloo's
+all-to-all between two ranks, one connection carrying both directions, runs at
+half rate per direction in about 7 calls of 8 and at full rate in the rest, so
+a median of 5 can land on the rare mode); latency = shift of a 64-byte
 message. Rates subtract that latency. Profiles (one per p, in dist.sim's terms,
 whose LinkProfile.transfer_s charges max(sent, recv) / (bandwidth * duplex) when
 a rank sends and receives in the same step, / bandwidth when it only sends):
@@ -55,6 +59,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISY = 5  # the collectives and the interference pattern take NOISY x --repeats samples
 
 
 def parse_args(argv=None):
@@ -66,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--interference-s", type=float, default=0.0,
                    help="least duration of the shifts beside compute in the interference pattern, s "
-                        "(0: one shift of --bytes, about what a ring step moves; the pattern runs 3 x --repeats)")
+                        "(0: one shift of --bytes, about what a ring step moves; the pattern runs NOISY x --repeats)")
     p.add_argument("--label", default=None, help="profile name prefix (default from the setting)")
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results", "bench_links.json"))
     p.add_argument("--markdown", default=None, help="default: --json with .md")
@@ -148,7 +153,8 @@ def _measure(args):
                 times = []
                 if member:
                     run = pattern(name, numel)
-                for i in range(args.warmup + args.repeats):
+                repeats = args.repeats * (NOISY if name in ("alltoall", "allgather") else 1)
+                for i in range(args.warmup + repeats):
                     if member:
                         dist.barrier(group=g["ctrl"])
                         t0 = time.perf_counter()
@@ -161,9 +167,9 @@ def _measure(args):
                     records.append({"group_size": p, "pattern": name, "size": label, "bytes": numel * 4,
                                     "median_s": statistics.median(times),
                                     "min_s": min(times), "max_s": max(times),
-                                    "runs": args.warmup + args.repeats})
+                                    "runs": args.warmup + repeats})
         if member:  # how a shift (every member sends N to next) and compute beside it slow each other
-            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, 3 * args.repeats,
+            rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, NOISY * args.repeats,
                                min_s=args.interference_s)
             if rank == 0:
                 records.append({"group_size": p, "pattern": "interference", "size": "large",
@@ -320,7 +326,8 @@ def _write(args, world, records):
     link_bps = setting.get("rate_bps")
     by = {(r["group_size"], r["pattern"], r["size"]): r for r in records}
     lines = [f"# Link probe: {label} ({when})", "", f"Machine: {machine}. Setting: {setting}. "
-             f"N = {args.bytes} bytes, median of {args.repeats} (min-max).", "",
+             f"N = {args.bytes} bytes, median of {args.repeats} (of {NOISY * args.repeats} for alltoall, allgather "
+             f"and interference) (min-max).", "",
              "| p | pattern | median ms | min-max ms | MB/s per rank per direction | / link setting |",
              "|---|---|---|---|---|---|"]
     for (p, pattern, size), r in sorted(by.items()):
