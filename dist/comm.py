@@ -60,11 +60,14 @@ def _group_timeout(group) -> datetime.timedelta | None:
 
 
 class Counters:
-    """Bytes and messages this rank sent, per label ("q", "kv", "out", ...). Reset with `reset()`."""
+    """Bytes and messages this rank sent, per label ("q", "kv", "out", ...), and wait_s, the seconds it
+    spent blocked in Exchange.wait and in the collectives below (communication that compute did not
+    hide). Reset with `reset()`."""
 
     def __init__(self):
         self.bytes = Counter()
         self.messages = Counter()
+        self.wait_s = 0.0
 
     def add(self, label: str, nbytes: int, messages: int = 1) -> None:
         self.bytes[label] += int(nbytes)
@@ -73,6 +76,7 @@ class Counters:
     def reset(self) -> None:
         self.bytes.clear()
         self.messages.clear()
+        self.wait_s = 0.0
 
     def total(self) -> int:
         return sum(self.bytes.values())
@@ -619,13 +623,17 @@ class Exchange:
         limit = timeout()
         works, self._works = self._works, []
         shm_ops, self._shm_posted = self._shm_posted, []
-        if shm_ops:  # first: a rank blocked in the backend then has no shared-memory send unfinished
-            _SHM.wait(shm_ops, limit or _group_timeout(self.group))
-        for work in works:
-            if limit is None:
-                work.wait()
-            else:
-                work.wait(limit)
+        t0 = time.perf_counter()
+        try:
+            if shm_ops:  # first: a rank blocked in the backend then has no shared-memory send unfinished
+                _SHM.wait(shm_ops, limit or _group_timeout(self.group))
+            for work in works:
+                if limit is None:
+                    work.wait()
+                else:
+                    work.wait(limit)
+        finally:
+            counters.wait_s += time.perf_counter() - t0
 
 
 def shm_peers(group=None) -> list[int]:
@@ -668,7 +676,9 @@ def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[to
     out = [torch.empty_like(tensor) for _ in range(world)]
     ex = _over_shm(tensor, group)
     if ex is None:
+        t0 = time.perf_counter()
         dist.all_gather(out, tensor, group=group)
+        counters.wait_s += time.perf_counter() - t0
     else:
         _shm_collective(ex, [tensor] * world, out)
     counters.add(label, (world - 1) * tensor.numel() * tensor.element_size())
@@ -687,7 +697,9 @@ def all_to_all(tensor: torch.Tensor, group=None, label: str = "data") -> torch.T
     out = torch.empty_like(tensor)
     ex = _over_shm(tensor, group)
     if ex is None:
+        t0 = time.perf_counter()
         dist.all_to_all_single(out, tensor, group=group)
+        counters.wait_s += time.perf_counter() - t0
     else:
         _shm_collective(ex, list(tensor), list(out))
     counters.add(label, (world - 1) * tensor[0].numel() * tensor.element_size())

@@ -49,6 +49,34 @@ def _exchange(rank, world):
                 shm_peers=comm.shm_peers())
 
 
+def _late_sender(rank, world, delay_s):
+    import time
+
+    from dist import comm
+
+    comm.Exchange()  # the first Exchange builds the twin group on every rank
+    comm.counters.reset()
+    ex = comm.Exchange()
+    if rank == 0:
+        time.sleep(delay_s)  # rank 1 waits for this message about delay_s
+        ex.send(torch.ones(4), 1, "x")
+    else:
+        ex.recv(torch.empty(4), 0)
+    ex.start()
+    ex.wait()
+    waited = comm.counters.wait_s
+    comm.counters.reset()
+    return waited, comm.counters.wait_s
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_counters_time_the_waits(shm):
+    (sender, _), (receiver, after_reset) = run_ranks(_late_sender, 2, 0.3, timeout_s=40, env={"DIST_SHM": shm})
+    assert 0.25 < receiver < 5.0, receiver
+    assert sender < 0.25 and after_reset == 0.0
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("world,shm", [(2, "1"), (3, "1"), (3, "0")])
 def test_exchange_both_directions_and_counters(world, shm):
