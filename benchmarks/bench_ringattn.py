@@ -12,7 +12,10 @@ eff*  = the same against the single-rank step run by every rank at once ("all ra
 machine allows when all its cores compute (shared caches, memory bandwidth; ranks > cores share
 cores), so eff* isolates what the strategy itself costs; ceiling = single / all ranks.
 Ranks on one host talk over dist.comm's shared-memory transport (DIST_SHM=0: gloo's TCP loopback);
-the transport used is recorded.
+the transport used is recorded. "tokenring-nocomm" (and "ring-nocomm") run that strategy's schedule,
+the same kernel calls on every rank at once, with its messages not sent (receive buffers zeroed):
+the strategy's compute-only bound on this machine, so that measured / no-messages time is what
+communication costs it.
 Writes benchmarks/results/ringattn.json (or --json) and a dated markdown table beside it.
 """
 
@@ -37,12 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
 from dist.ringattn import diag_tail, shard  # noqa: E402
+from dist.ringattn import strategies as ring_strategies  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
 from benchmarks.bench_links import interference  # noqa: E402
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
                       bytes_per_rank, link_profile, load_link_profiles, predict)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NOCOMM = "-nocomm"  # a strategy's schedule with its messages not sent
 
 
 def parse_args(argv=None):
@@ -55,7 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
-    ap.add_argument("--strategies", default="tokenring,ring,allgather,ulysses,ds-ulysses")
+    ap.add_argument("--strategies", default="tokenring,ring,allgather,ulysses,ds-ulysses,tokenring-nocomm",
+                    help="comma list; NAME-nocomm (tokenring, ring): NAME with its messages not sent")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
@@ -66,6 +72,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-write", action="store_true", help="print only (smoke tests)")
     args = ap.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
+    known = {"tokenring", "ring", "allgather", "ulysses", "ds-ulysses", "tokenring" + NOCOMM, "ring" + NOCOMM}
+    unknown = [s for s in args.strategies.split(",") if s not in known]
+    if unknown:
+        ap.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return args
 
 
@@ -132,14 +142,52 @@ def repredict(doc: dict) -> dict:
         w = workload(doc["args"], world)
         for row in run["rows"]:
             if "median_s" in row:
-                pred = predict(sim_name(row["strategy"]), w, link, cpu)
-                row["predicted_s"], row["predicted_compute_s"] = pred.total_s, pred.compute_s
+                row["predicted_s"], row["predicted_compute_s"] = _predicted(row["strategy"], w, link, cpu)
     return doc
 
 
 def sim_name(strategy: str) -> str:
     """The dist.sim schedule of a benchmarked strategy (DeepSpeed's Ulysses moves what ours does)."""
+    strategy = strategy.removesuffix(NOCOMM)
     return "ulysses" if strategy == "ds-ulysses" else strategy
+
+
+class _NoMessages:
+    """Stands in for dist.comm.Exchange inside the ring strategies in a "-nocomm" step: nothing is
+    sent, receive buffers are zeroed (what a copy-in would touch), so the step is the strategy's
+    kernel calls alone (the argument checks before them still talk)."""
+
+    def __init__(self, group=None):
+        pass
+
+    def send(self, tensor, peer, label="data", tag=0):
+        return self
+
+    def recv(self, tensor, peer, tag=0):
+        tensor.zero_()
+        return self
+
+    def start(self):
+        return self
+
+    def wait(self):
+        pass
+
+
+class _CommWithoutMessages:
+    """dist.comm as the ring strategies see it in a "-nocomm" step."""
+
+    Exchange = _NoMessages
+
+    def __getattr__(self, name):
+        return getattr(comm, name)
+
+
+def _predicted(strategy: str, w: Workload, link: LinkProfile, cpu: ComputeProfile) -> tuple[float, float]:
+    """(predicted s, predicted compute-only s) of a benchmarked strategy; a "-nocomm" one is its
+    strategy's compute."""
+    pred = predict(sim_name(strategy), w, link, cpu)
+    return (pred.compute_s if strategy.endswith(NOCOMM) else pred.total_s), pred.compute_s
 
 
 def ulysses_fn(group, causal):
@@ -164,10 +212,10 @@ def run_world(args, link_override):
     torch.set_num_threads(1)
     q, k, v, dout = make_inputs(args)
 
-    def slowest(dt):
-        t = torch.tensor([0.0 if dt is None else dt], dtype=torch.float64)
+    def slowest(*values):
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+        return t.tolist()
 
     link = link_override or measure_link()
     steps, skipped = {}, {}
@@ -192,7 +240,15 @@ def run_world(args, link_override):
         if "ulysses" in strategy and (args.heads % world or args.kv_heads % world):
             skipped[strategy] = f"heads not divisible by {world}"
             continue
-        if strategy == "ds-ulysses":
+        if strategy.endswith(NOCOMM):
+            def step(mine=mine, strategy=strategy.removesuffix(NOCOMM), layout=layout):
+                qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
+                ring_strategies.comm = _CommWithoutMessages()
+                try:
+                    sp_attention(qq, kk, vv, causal=args.causal, strategy=strategy, layout=layout).backward(mine[3])
+                finally:
+                    ring_strategies.comm = comm
+        elif strategy == "ds-ulysses":
             uly = ulysses_fn(None, args.causal)
 
             def step(mine=mine, uly=uly):
@@ -203,15 +259,17 @@ def run_world(args, link_override):
                 qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
                 sp_attention(qq, kk, vv, causal=args.causal, strategy=strategy, layout=layout).backward(mine[3])
         steps[strategy] = step
-    times = {name: [] for name in steps}
+    times, waits = {name: [] for name in steps}, {name: [] for name in steps}
     for i in range(args.warmup + args.repeats):
         for name, fn in steps.items():
             dist.barrier()
+            comm.counters.reset()
             t0 = time.perf_counter()
             fn()
-            dt = slowest(time.perf_counter() - t0)
+            dt, wait = slowest(time.perf_counter() - t0, comm.counters.wait_s)
             if i >= args.warmup:
                 times[name].append(dt)
+                waits[name].append(wait)
     t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
     t_all = statistics.median(times["single_all"])
     w = workload(args, world, q.device.type)
@@ -234,16 +292,17 @@ def run_world(args, link_override):
         steps[strategy]()
         sent = torch.tensor([sum(b for key, b in comm.counters.bytes.items() if key != "meta")], dtype=torch.float64)
         dist.all_reduce(sent, op=dist.ReduceOp.MAX)
-        model_bytes = max(bytes_per_rank(sim_name(strategy), w))
-        pred = predict(sim_name(strategy), w, link, cpu)
+        model_bytes = 0 if strategy.endswith(NOCOMM) else max(bytes_per_rank(sim_name(strategy), w))
+        pred_s, pred_compute_s = _predicted(strategy, w, link, cpu)
         rows.append(dict(
             strategy=strategy, world=world, median_s=med, min_s=lo, max_s=hi,
             spread=(hi - lo) / med, efficiency=(t1 / world) / med, efficiency_matched=(t_all / world) / med,
+            wait_s=None if strategy == "ds-ulysses" else statistics.median(waits[strategy]),
             bytes_per_rank=int(sent.item()) if strategy != "ds-ulysses" else model_bytes,
             bytes_source="counted" if strategy != "ds-ulysses" else "model",
-            model_bytes_per_rank=model_bytes, predicted_s=pred.total_s, predicted_compute_s=pred.compute_s,
-            gpu_predicted_ms={name: predict(sim_name(strategy), w_gpu, LINK_PROFILES[name], COMPUTE_PROFILES["h100-bf16"])
-                              .total_s * 1e3 for name in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")},
+            model_bytes_per_rank=model_bytes, predicted_s=pred_s, predicted_compute_s=pred_compute_s,
+            gpu_predicted_ms={name: _predicted(strategy, w_gpu, LINK_PROFILES[name], COMPUTE_PROFILES["h100-bf16"])[0]
+                              * 1e3 for name in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")},
         ))
     comm.counters.reset()
     meta = dict(link=link.__dict__, compute=cpu.__dict__, single_s=t1, single_fwd_s=t1_fwd,
@@ -276,6 +335,12 @@ def _sharing(link: dict) -> str:
             f"compute losing {100 * link.get('compute_lost_while_moving', 0.0):.0f}% while it carries data")
 
 
+def _wait(row) -> str:
+    """The slowest rank's time blocked in dist.comm (median over repeats); DeepSpeed's collectives
+    bypass dist.comm, so its rows have none."""
+    return "-" if row.get("wait_s") is None else f"{row['wait_s']:.3f}"
+
+
 def print_rows(args, world, rows, meta):
     print(f"\nP={world}  s={args.seq_len} batch={args.batch} heads={args.heads}/{args.kv_heads} d={args.head_dim} "
           f"causal={args.causal} layout={args.layout} {args.dtype}; single rank {meta['single_s']:.3f} s "
@@ -283,7 +348,8 @@ def print_rows(args, world, rows, meta):
           f"(ceiling {meta['ceiling']:.3f}); {meta['transport']}: "
           f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us, "
           f"{_sharing(meta['link'])}")
-    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'eff*':>6} {'MB/rank':>9} {'pred s':>8} {'meas/pred':>9}  "
+    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'eff*':>6} {'wait s':>7} {'MB/rank':>9} {'pred s':>8} "
+          f"{'meas/pred':>9}  "
           f"GPU-predicted ms (h100, bf16): nvlink / pcie4 / pcie5 / ib200 / ib400")
     base = {r["strategy"]: r for r in rows if "median_s" in r}
     for r in rows:
@@ -292,10 +358,10 @@ def print_rows(args, world, rows, meta):
             continue
         g = r["gpu_predicted_ms"]
         print(f"{r['strategy']:10} {r['median_s']:9.3f} {100 * r['spread']:6.1f}% {r['efficiency']:6.3f} "
-              f"{r['efficiency_matched']:6.3f} {r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
+              f"{r['efficiency_matched']:6.3f} {_wait(r):>7} {r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
               + " / ".join(f"{g[n]:.3f}" for n in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")))
     if "tokenring" in base:
-        for other in ("ring", "allgather", "ulysses", "ds-ulysses"):
+        for other in ("ring", "allgather", "ulysses", "ds-ulysses", "tokenring-nocomm"):
             if other in base:
                 print(f"  tokenring vs {other}: {base[other]['median_s'] / base['tokenring']['median_s']:.3f}x")
 
@@ -312,20 +378,22 @@ def write_results(args, all_rows, path):
              f"s={args.seq_len}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
              f"causal={args.causal}, layout={args.layout}, {args.dtype}, one thread per rank, "
              f"{args.repeats} repeats after {args.warmup} warm-up.", "",
-             "efficiency = (single rank / P) / median; eff* = (single step on every rank at once / P) / median.", "",
-             "| P | strategy | median s | spread | efficiency | eff* | MB sent/rank | predicted s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "efficiency = (single rank / P) / median; eff* = (single step on every rank at once / P) / median; "
+             "wait s = the slowest rank's time blocked in dist.comm (communication compute did not hide).", "",
+             "| P | strategy | median s | spread | efficiency | eff* | wait s | MB sent/rank | predicted s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in all_rows:
         for r in run["rows"]:
             if "median_s" in r:
                 lines.append(f"| {r['world']} | {r['strategy']} | {r['median_s']:.3f} | {100 * r['spread']:.1f}% | "
-                             f"{r['efficiency']:.3f} | {r['efficiency_matched']:.3f} | {r['bytes_per_rank'] / 1e6:.2f} | "
+                             f"{r['efficiency']:.3f} | {r['efficiency_matched']:.3f} | {_wait(r)} | "
+                             f"{r['bytes_per_rank'] / 1e6:.2f} | "
                              f"{r['predicted_s']:.3f} |")
     for run in all_rows:
         base = {r["strategy"]: r for r in run["rows"] if "median_s" in r}
         if "tokenring" in base:
             ratios = ", ".join(f"{o} / tokenring = {base[o]['median_s'] / base['tokenring']['median_s']:.3f}"
-                               for o in ("ring", "allgather", "ulysses", "ds-ulysses") if o in base)
+                               for o in ("ring", "allgather", "ulysses", "ds-ulysses", "tokenring-nocomm") if o in base)
             link = run["meta"]["link"]
             meta = run["meta"]
             lines.append(f"\nP={run['world']}: {ratios}; single rank {meta['single_s']:.3f} s, every rank at once "

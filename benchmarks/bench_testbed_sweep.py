@@ -91,7 +91,8 @@ def extract_rows(doc) -> list[dict]:
                 rows.append({"strategy": x["strategy"], "world_size": x.get("world", x.get("world_size")),
                              "measured_s": first(x, _TIME_KEYS), "predicted_s": first(x, _PRED_KEYS),
                              "predicted_compute_s": first(x, ("predicted_compute_s",)),
-                             "bytes_per_rank": first(x, _BYTES_KEYS), "skipped": x.get("skipped")})
+                             "bytes_per_rank": first(x, _BYTES_KEYS), "skipped": x.get("skipped"),
+                             "wait_s": first(x, ("wait_s",))})
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
@@ -173,10 +174,11 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
              "error = predicted / measured - 1."
              + (f" Predictions redone {now} by the current dist/sim from the stored profiles." if measured else ""), "",
              "probed: the link's rate, its duplex fraction, and its rate while every rank computes (the probe's "
-             "interference pattern; the fraction of compute lost meanwhile in brackets).", "",
-             "| link | P | probed MB/s | duplex | while computing | strategy | measured ms | predicted ms | error | "
-             "predicted compute ms | MB/rank | ring / this |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "interference pattern; the fraction of compute lost meanwhile in brackets). waiting: the slowest "
+             "rank's time blocked in dist.comm (not counted for DeepSpeed).", "",
+             "| link | P | probed MB/s | duplex | while computing | strategy | measured ms | waiting ms | predicted ms | "
+             "error | predicted compute ms | MB/rank | ring / this |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     errors = []
     for pt in points:
         link = pt["link"] if pt["link"] == "loopback" else f"{pt['topology']} {pt['rate']}"
@@ -190,7 +192,7 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
             dup += " | -"
         if "rows" not in pt:
             lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | FAILED (rc={pt['returncode']}) "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         ring = next((r["measured_s"] for r in pt["rows"] if r["strategy"] == "ring" and r["measured_s"]), None)
         def ms(x):
@@ -200,15 +202,15 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
             m, pr, b = r["measured_s"], r["predicted_s"], r["bytes_per_rank"]
             if r.get("skipped"):
                 lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | {r['strategy']} | "
-                             f"skipped: {r['skipped']} | | | | | |")
+                             f"skipped: {r['skipped']} | | | | | | |")
                 continue
             err = f"{pr / m - 1:+.1%}" if m and pr else "-"
             if m and pr:
                 errors.append(abs(pr / m - 1))
             vs = f"{ring / m:.2f}x" if ring and m else "-"
             mb = f"{b / 1e6:.2f}" if b else "-"
-            lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | {r['strategy']} | {ms(m)} | {ms(pr)} | "
-                         f"{err} | {ms(r.get('predicted_compute_s'))} | {mb} | {vs} |")
+            lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | {r['strategy']} | {ms(m)} | "
+                         f"{ms(r.get('wait_s'))} | {ms(pr)} | {err} | {ms(r.get('predicted_compute_s'))} | {mb} | {vs} |")
     if errors:
         lines.append(f"\n{sum(e <= 0.10 for e in errors)} of {len(errors)} points within 10% of the measured time "
                      f"(largest error {100 * max(errors):.1f}%).")
