@@ -326,8 +326,8 @@ def _write(args, world, records):
     link_bps = setting.get("rate_bps")
     by = {(r["group_size"], r["pattern"], r["size"]): r for r in records}
     lines = [f"# Link probe: {label} ({when})", "", f"Machine: {machine}. Setting: {setting}. "
-             f"N = {args.bytes} bytes, median of {args.repeats} (of {NOISY * args.repeats} for alltoall, allgather "
-             f"and interference) (min-max).", "",
+             f"N = {args.bytes} bytes, median (min-max) of {args.repeats} runs; of {NOISY * args.repeats} for "
+             f"alltoall, allgather and interference.", "",
              "| p | pattern | median ms | min-max ms | MB/s per rank per direction | / link setting |",
              "|---|---|---|---|---|---|"]
     for (p, pattern, size), r in sorted(by.items()):

@@ -43,8 +43,8 @@ from dist.ringattn import diag_tail, shard  # noqa: E402
 from dist.ringattn import strategies as ring_strategies  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
 from benchmarks.bench_links import interference  # noqa: E402
-from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload,  # noqa: E402
-                      bytes_per_rank, link_profile, load_link_profiles, predict)
+from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, RING_STRATEGIES, ComputeProfile, LinkProfile,  # noqa: E402
+                      Workload, bytes_per_rank, link_profile, load_link_profiles, predict)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOCOMM = "-nocomm"  # a strategy's schedule with its messages not sent
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-write", action="store_true", help="print only (smoke tests)")
     args = ap.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
-    known = {"tokenring", "ring", "allgather", "ulysses", "ds-ulysses", "tokenring" + NOCOMM, "ring" + NOCOMM}
+    known = {*RING_STRATEGIES, "ulysses", "ds-ulysses", "tokenring" + NOCOMM, "ring" + NOCOMM}
     unknown = [s for s in args.strategies.split(",") if s not in known]
     if unknown:
         ap.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")

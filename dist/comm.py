@@ -20,6 +20,7 @@ Peers are given as ranks *within* `group` (group order); `None` means the defaul
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -83,6 +84,16 @@ class Counters:
 
 
 counters = Counters()
+
+
+@contextlib.contextmanager
+def _blocked():
+    """Time the enclosed wait into counters.wait_s."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        counters.wait_s += time.perf_counter() - t0
 
 
 def group_size(group=None) -> int:
@@ -623,8 +634,7 @@ class Exchange:
         limit = timeout()
         works, self._works = self._works, []
         shm_ops, self._shm_posted = self._shm_posted, []
-        t0 = time.perf_counter()
-        try:
+        with _blocked():
             if shm_ops:  # first: a rank blocked in the backend then has no shared-memory send unfinished
                 _SHM.wait(shm_ops, limit or _group_timeout(self.group))
             for work in works:
@@ -632,8 +642,6 @@ class Exchange:
                     work.wait()
                 else:
                     work.wait(limit)
-        finally:
-            counters.wait_s += time.perf_counter() - t0
 
 
 def shm_peers(group=None) -> list[int]:
@@ -676,9 +684,8 @@ def all_gather(tensor: torch.Tensor, group=None, label: str = "data") -> list[to
     out = [torch.empty_like(tensor) for _ in range(world)]
     ex = _over_shm(tensor, group)
     if ex is None:
-        t0 = time.perf_counter()
-        dist.all_gather(out, tensor, group=group)
-        counters.wait_s += time.perf_counter() - t0
+        with _blocked():
+            dist.all_gather(out, tensor, group=group)
     else:
         _shm_collective(ex, [tensor] * world, out)
     counters.add(label, (world - 1) * tensor.numel() * tensor.element_size())
@@ -697,9 +704,8 @@ def all_to_all(tensor: torch.Tensor, group=None, label: str = "data") -> torch.T
     out = torch.empty_like(tensor)
     ex = _over_shm(tensor, group)
     if ex is None:
-        t0 = time.perf_counter()
-        dist.all_to_all_single(out, tensor, group=group)
-        counters.wait_s += time.perf_counter() - t0
+        with _blocked():
+            dist.all_to_all_single(out, tensor, group=group)
     else:
         _shm_collective(ex, list(tensor), list(out))
     counters.add(label, (world - 1) * tensor[0].numel() * tensor.element_size())
