@@ -33,6 +33,9 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
                                                        for the cores: TCP stack, shaping, wake-ups)
   compute_lost_while_moving = compute lost /           the fraction of compute progress lost
                    t_shifts beside compute             while the link carries data
+  send_buffer_bytes = (t_lead - latency) x bandwidth   bytes a send of N has not delivered when it
+                   (send_lead: rank 0's send done ->   completes (socket buffers): its sender goes
+                   rank 1's answer on receiving)       on while they drain
 
 `exchange` checks the model's other assumption: a rank that sends to two peers
 shares one rate (true for one NIC per host, the switch topology); on the mesh
@@ -168,6 +171,10 @@ def _measure(args):
                                     "median_s": statistics.median(times),
                                     "min_s": min(times), "max_s": max(times),
                                     "runs": args.warmup + repeats})
+        lead = send_lead(n_elems, pair(0, 1), pair(1, 0), g["ctrl"], rank, args.warmup, args.repeats) if member else None
+        if rank == 0:
+            records.append({"group_size": p, "pattern": "send_lead", "size": "large", "bytes": n_elems * 4,
+                            "median_s": lead})
         if member:  # how a shift (every member sends N to next) and compute beside it slow each other
             rec = interference(pattern("shift", n_elems), g["ctrl"], args.warmup, NOISY * args.repeats,
                                min_s=args.interference_s)
@@ -179,6 +186,30 @@ def _measure(args):
         _write(args, world, records)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def send_lead(numel: int, there, back, group, rank: int, warmup: int = 1, repeats: int = 5) -> float | None:
+    """How long before rank 1 has the data rank 0's send of `numel` floats completes (median s, on
+    rank 0): what the sender's socket buffers still hold when gloo releases it. Rank 1 answers on
+    the other direction's group the moment its receive completes, so no clocks are compared:
+    lead = answer received - send done (one latency included). Ranks other than 0 and 1 only sync."""
+    import torch
+    import torch.distributed as dist
+
+    data, answer = torch.ones(numel), torch.zeros(1)
+    leads = []
+    for i in range(warmup + repeats):
+        dist.barrier(group=group)
+        if rank == 0:
+            dist.isend(data, 1, group=there).wait()
+            sent = time.perf_counter()
+            dist.recv(answer, 1, group=back)
+            if i >= warmup:
+                leads.append(time.perf_counter() - sent)
+        elif rank == 1:
+            dist.irecv(data, 0, group=there).wait()
+            dist.send(answer, 0, group=back)
+    return statistics.median(leads) if rank == 0 else None
 
 
 def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 0.0) -> dict:
@@ -291,6 +322,7 @@ def profiles_from_records(records, label, source, per_peer=False):
         n_ag = by[(p, "allgather", "large")]["bytes"]
         send_bps = rate("send", n)
         interference = by.get((p, "interference", "large"), {})
+        lead = by.get((p, "send_lead", "large"), {}).get("median_s")
         out.append({
             "name": f"{label}-p{p}",
             "bandwidth_Bps": send_bps,
@@ -301,11 +333,18 @@ def profiles_from_records(records, label, source, per_peer=False):
             # how the link and compute on the same cores slow each other (1 and 0 when not measured)
             "rate_while_computing": interference.get("rate_while_computing", 1.0),
             "compute_lost_while_moving": interference.get("compute_lost_while_moving", 0.0),
+            # bytes a send has not delivered yet when it completes (recorded for an asynchronous model;
+            # dist.sim's step model does not read it)
+            "send_buffer_bytes": None if lead is None else min(n, max(0.0, lead - lat) * send_bps),
             "per_peer": per_peer,
             "group_size": p,
             "source": source,
         })
     return out
+
+
+def _kb(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 1024:.0f}"
 
 
 def _write(args, world, records):
@@ -331,7 +370,7 @@ def _write(args, world, records):
              "| p | pattern | median ms | min-max ms | MB/s per rank per direction | / link setting |",
              "|---|---|---|---|---|---|"]
     for (p, pattern, size), r in sorted(by.items()):
-        if size != "large" or pattern == "interference":
+        if size != "large" or pattern in ("interference", "send_lead"):
             continue
         lat = by[(p, "shift", "small")]["median_s"]
         nbytes = {"alltoall": r["bytes"] * (p - 1) / p, "allgather": r["bytes"] * (p - 1)}.get(pattern, r["bytes"])
@@ -346,7 +385,8 @@ def _write(args, world, records):
               "rate while computing: shifts alone / shifts while every rank computes; compute lost: the fraction of "
               "compute progress lost meanwhile (the interference pattern).", "",
               "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | allgather MB/s | rate while computing "
-              "| compute lost | shift_1g / shift | exchange measured / model |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| compute lost | shift_1g / shift | exchange measured / model | send buffer KB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for prof in profiles:
         p = prof["group_size"]
         t_shift = by[(p, "shift", "large")]["median_s"]
@@ -359,7 +399,7 @@ def _write(args, world, records):
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "
                      f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['allgather_Bps'] / 1e6:.1f} | "
                      f"{prof['rate_while_computing']:.2f} | {prof['compute_lost_while_moving']:.2f} | "
-                     f"{one_group:.2f} | {exch:.2f} |")
+                     f"{one_group:.2f} | {exch:.2f} | {_kb(prof.get('send_buffer_bytes'))} |")
     md = "\n".join(lines) + "\n"
     with open(args.markdown or os.path.splitext(args.json)[0] + ".md", "w") as f:
         f.write(md)

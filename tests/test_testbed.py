@@ -159,8 +159,14 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
         # CPU contention on a busy 2-core machine costs some)
         assert prof.duplex >= 0.65, prof
         assert 0 < prof.latency_s < 0.01, prof
-        patterns = {r["pattern"] for r in json.loads(links.read_text())["measurements"]}
-        assert patterns == {"send", "shift", "exchange", "alltoall", "allgather", "shift_1g", "interference"}
+        doc = json.loads(links.read_text())
+        patterns = {r["pattern"] for r in doc["measurements"]}
+        assert patterns == {"send", "shift", "exchange", "alltoall", "allgather", "shift_1g", "interference",
+                            "send_lead"}
+        # a send completes while the testbed's socket buffers (capped at 40 ms of the rate: 1 MB) still
+        # hold part of it: more than nothing, less than the message
+        buffered = doc["profiles"][0]["send_buffer_bytes"]
+        assert 0 < buffered < 2 << 20, buffered
         # a stray process left inside (as after a crash) must not stop teardown
         subprocess.Popen(tb.exec_argv(0, [sys.executable, "-c", "import time; time.sleep(300)"]),
                          start_new_session=True)
@@ -200,7 +206,8 @@ def test_link_probe_on_loopback(tmp_path):
     assert 0 < prof.rate_while_computing == doc["profiles"][0]["rate_while_computing"] <= 1
     assert 0 <= prof.compute_lost_while_moving == doc["profiles"][0]["compute_lost_while_moving"] < 1
     assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "allgather",
-                                                           "shift_1g", "interference"}
+                                                           "shift_1g", "interference", "send_lead"}
+    assert 0 <= doc["profiles"][0]["send_buffer_bytes"] <= 1 << 16
     assert out.with_suffix(".md").exists()
 
 
@@ -230,6 +237,10 @@ def test_probe_profiles_from_measurements():
     (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
     assert prof["rate_while_computing"] == 0.6 and prof["compute_lost_while_moving"] == 0.25
     assert prof["per_peer"] is True
+    assert prof["send_buffer_bytes"] is None  # not measured
+    # a send released 10 ms (+ one latency) before its receiver had it: 10 ms of the rate buffered
+    (prof,) = bench_links.profiles_from_records(records + [rec("send_lead", lat + 0.01)], "made-up", "test")
+    assert prof["send_buffer_bytes"] == pytest.approx(0.01 * 100e6)
 
 
 def _interference_of(rank, world):
