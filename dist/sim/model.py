@@ -1,36 +1,37 @@
 """Performance model of sequence-parallel attention: bytes per rank and step time per strategy.
 
-The model replays each strategy's schedule step by step, rank by rank, with the same block plan
-the implementation uses (dist.ringattn.layout.block), so bytes agree with what the code sends.
-For each step and rank it takes the block flops (at a compute rate) and the bytes the rank sends
-and receives (over a link: latency per message + bytes / bandwidth, at the `duplex` fraction while
-both directions carry data). Messages posted in a step overlap that step's compute, so
+The model builds each strategy's schedule step by step, rank by rank, with the same block plan the
+implementation uses (dist.ringattn.layout.block), so bytes agree with what the code sends: per step
+and rank the block flops and the messages (src -> dst bytes). dist.sim.timeline then replays the
+schedule on an asynchronous per-rank timeline: a rank posts its step's messages, computes, and goes
+on when its compute is done, its messages in have arrived and its messages out are released (a
+sender is released while up to LinkProfile.send_buffer_bytes are still in socket buffers); messages
+flow at max-min fair rates over one NIC per rank (a switch) or one cable per pair (per_peer: a
+mesh), each direction at bandwidth_Bps, at `duplex` of it while the other direction carries data.
+all-gather and Ulysses do not overlap: their collectives wait for every rank and add to compute, at
+the collective rates the link profile measured.
 
-    step time = max over ranks of max(compute, communication);  total = sum of steps
-
-plus the exposed messages after the last step. all-gather and Ulysses do not overlap: their
-collectives add to compute. Small-block kernel inefficiency and merge costs are not modelled.
-
-When the ranks share a host's CPU cores (ComputeProfile.cores: the testbed and loopback runs on
-one machine) the cores bound a step too (compute = max(longest rank, sum over ranks / cores), at
-the rate measured with every rank computing at once), and messages and compute slow each other:
-a transfer waits for cores the ranks hold (TCP stack, veth/bridge forwarding, shaping, wake-ups)
-and takes CPU from them. The link profile carries both, measured on that link with every rank
-computing (benchmarks/bench_links.py's interference pattern): rate_while_computing (f, the link's
-rate as a fraction of its idle rate) and compute_lost_while_moving (g), and a step is
-
-    both slowed until one ends, the other then at full speed (LinkProfile.overlap_s)
-
-which is max(compute, communication) for f = 1, g = 0: GPU links move bytes by DMA and each rank
-has its own device (cores = None).
+Compute comes from flops at a rate (ComputeProfile); what a schedule adds beyond its kernels'
+flops (smaller blocks, merges, gradient sums) is not modelled here, and the benchmarks measure it
+(a strategy's "-nocomm" run) and scale the rate to it. When the ranks share a host's CPU cores
+(ComputeProfile.cores: the testbed and loopback runs on one machine) the ranks computing at one
+moment share the cores, and messages and compute slow each other: a transfer waits for cores the
+ranks hold (TCP stack, veth/bridge forwarding, shaping, wake-ups) and takes CPU from them. The link
+profile carries both, measured on that link with every rank computing (benchmarks/bench_links.py's
+interference pattern): while a rank computes its messages run at rate_while_computing of their
+rate, and while it has messages in flight its compute loses compute_lost_while_moving. GPU links
+move bytes by DMA and each rank has its own device (cores = None, no interference, no buffering).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 
 from dist.ringattn.layout import block, diag_parts, diag_tail
+
+from .timeline import replay
 
 STRATEGIES = ("tokenring", "ring", "allgather", "ulysses")
 RING_STRATEGIES = ("tokenring", "ring", "allgather")
@@ -52,7 +53,10 @@ class LinkProfile:
     per_peer: every pair of ranks has its own link (a mesh of cables, the testbed's mesh), so a
     rank's messages to different peers do not share a rate; False: one NIC per rank (a switch);
     allgather_Bps: bytes per second reaching each rank in an all-gather as the backend runs it (None:
-    modelled as a ring of shifts over bandwidth_Bps and duplex).
+    modelled as a ring of shifts over bandwidth_Bps and duplex);
+    send_buffer_bytes: how much of a message is still on its way when its send completes (TCP socket
+    buffers: measured by benchmarks/bench_links.py; 0 for DMA/RDMA links, whose sends complete on
+    delivery).
     """
 
     name: str
@@ -65,6 +69,7 @@ class LinkProfile:
     allgather_Bps: float | None = None
     rate_while_computing: float = 1.0
     compute_lost_while_moving: float = 0.0
+    send_buffer_bytes: float = 0.0
 
     def __post_init__(self):
         if self.bandwidth_Bps <= 0 or self.latency_s < 0 or not 0 < self.duplex <= 1:
@@ -72,6 +77,8 @@ class LinkProfile:
         if not 0 < self.rate_while_computing <= 1 or not 0 <= self.compute_lost_while_moving < 1:
             raise ValueError(f"link {self.name!r}: rate_while_computing must be in (0, 1] and "
                              f"compute_lost_while_moving in [0, 1)")
+        if self.send_buffer_bytes < 0:
+            raise ValueError(f"link {self.name!r}: send_buffer_bytes must be >= 0")
 
     def transfer_s(self, sent: float, recv: float, messages: int) -> float:
         """Time to send `sent` and receive `recv` bytes: the part both directions carry at once at the
@@ -81,28 +88,6 @@ class LinkProfile:
         both = min(sent, recv)
         return (messages * self.latency_s + both / (self.bandwidth_Bps * self.duplex)
                 + (max(sent, recv) - both) / self.bandwidth_Bps)
-
-    def overlap_s(self, compute_s: float, comm_s: float) -> float:
-        """A step whose messages (comm_s at the idle rate) overlap compute_s of compute on the same
-        cores: both run slowed (the link at rate_while_computing, the compute losing
-        compute_lost_while_moving) until one ends; the other then goes on at full speed."""
-        f, g = self.rate_while_computing, self.compute_lost_while_moving
-        if compute_s <= 0 or comm_s <= 0 or (f == 1 and g == 0):
-            return max(compute_s, comm_s)
-        compute_ends, comm_ends = compute_s / (1 - g), comm_s / f
-        if compute_ends <= comm_ends:
-            return compute_ends + comm_s - compute_ends * f
-        return comm_ends + compute_s - comm_ends * (1 - g)
-
-    def step_s(self, pairs: dict, rank: int, messages: int) -> float:
-        """Time for `rank`'s messages of one step; pairs: {(src, dst): bytes} of every rank."""
-        if not self.per_peer:
-            sent = sum(b for (src, _), b in pairs.items() if src == rank)
-            recv = sum(b for (_, dst), b in pairs.items() if dst == rank)
-            return self.transfer_s(sent, recv, messages)
-        peers = {d for (s, d) in pairs if s == rank} | {s for (s, d) in pairs if d == rank}
-        links = (self.transfer_s(pairs.get((rank, q), 0), pairs.get((q, rank), 0), 0) for q in peers)
-        return messages * self.latency_s + max(links, default=0.0)
 
     def alltoall_s(self, sent: float, messages: int) -> float:
         rate = self.alltoall_Bps or self.bandwidth_Bps * self.duplex
@@ -192,7 +177,8 @@ def link_profile(entry: dict) -> LinkProfile:
         duplex=number("duplex", 1.0), alltoall_Bps=number("alltoall_Bps"), source=str(entry.get("source", "")),
         per_peer=entry.get("per_peer", False), allgather_Bps=number("allgather_Bps"),
         rate_while_computing=number("rate_while_computing", 1.0),
-        compute_lost_while_moving=number("compute_lost_while_moving", 0.0))
+        compute_lost_while_moving=number("compute_lost_while_moving", 0.0),
+        send_buffer_bytes=number("send_buffer_bytes") or 0.0)
 
 
 def load_link_profiles(path) -> dict[str, LinkProfile]:
@@ -428,21 +414,9 @@ class Prediction:
 
 
 def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backward: bool) -> tuple[float, float]:
-    total = compute_only = 0.0
-    for s in steps:
-        comp = compute.step_compute_s(s.flops, backward)
-        if s.overlapped:  # the step's messages run beside its compute
-            comm = max(link.step_s(s.pairs, r, s.messages[r]) for r in range(len(s.flops)))
-            total += link.overlap_s(comp, comm)
-        else:  # a blocking collective: its measured rate already includes its CPU cost
-            p = len(s.flops)
-            if s.collective == "all_gather":
-                coll = max(link.allgather_s(s.recv[r], s.messages[r], p) for r in range(p))
-            else:
-                coll = max(link.alltoall_s(s.sent[r], s.messages[r]) for r in range(p))
-            total += comp + coll
-        compute_only += comp
-    return total, compute_only
+    """(modelled time of one pass, its compute alone: the steps' compute with free messages)."""
+    compute_only = sum(compute.step_compute_s(s.flops, backward) for s in steps)
+    return replay(steps, link, compute, backward), compute_only
 
 
 def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfile) -> Prediction:
@@ -479,6 +453,12 @@ def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout
     compute = compute or COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
     w = Workload(q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], world, causal, layout, itemsize,
                  diag_tail=diag_tail(device_type))
+    return _fastest(w, link, compute, tuple(candidates))
+
+
+@functools.lru_cache(maxsize=256)
+def _fastest(w: Workload, link: LinkProfile, compute: ComputeProfile, candidates: tuple) -> str:
+    """choose_strategy's pick, once per distinct call (every layer of a model asks with the same shapes)."""
     preds = [predict(s, w, link, compute) for s in candidates]
     best = min(preds, key=lambda p: (round(p.total_s, 9), p.bytes_per_rank))
     return best.strategy
@@ -516,5 +496,5 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['link']} | {r['world']} | {r['tokens_per_rank']} | {r['gqa']} | {r['tokenring_ms']:.2f} "
                      f"| {r['ring_ms']:.2f} | {r['allgather_ms']:.2f} | {r['ulysses_ms']:.2f} | {r['compute_ms']:.2f} "
-                     f"| {100 * r['tokenring_overhead']:.1f}% | {r['tokenring_vs_ring']:.2f} | {r['best']} |")
+                     f"| {round(100 * r['tokenring_overhead'], 1) + 0.0:.1f}% | {r['tokenring_vs_ring']:.2f} | {r['best']} |")
     return "\n".join(lines)
