@@ -18,6 +18,8 @@ strategy's schedule, the same kernel calls on every rank at once, with its messa
 measured / no-messages time is what communication costs it. When a run has NAME-nocomm, NAME's
 prediction takes that measured compute (the link part stays the model's); the -nocomm row's own
 prediction is the flops model's compute, so its error shows what the flops alone miss.
+"NAME-nokernel" (tokenring, ring, allgather) is the converse: the schedule's messages with the
+attention kernels returning zeros at once, beside the model's time for the messages alone.
 Writes benchmarks/results/ringattn.json (or --json) and a dated markdown table beside it.
 """
 
@@ -53,6 +55,7 @@ from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, RING_STRATEGIES, ComputeP
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOCOMM = "-nocomm"  # a strategy's schedule with its messages not sent
+NOKERNEL = "-nokernel"  # a ring strategy's messages with its kernels stubbed out (zeros)
 DEFAULT_STRATEGIES = ",".join(["tokenring", "ring", "allgather", "ulysses", "ds-ulysses",
                                *(name + NOCOMM for name in ("tokenring", "ring", "allgather", "ulysses"))])
 
@@ -80,7 +83,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-write", action="store_true", help="print only (smoke tests)")
     args = ap.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
-    known = {*RING_STRATEGIES, "ulysses", "ds-ulysses", *(name + NOCOMM for name in (*RING_STRATEGIES, "ulysses"))}
+    known = {*RING_STRATEGIES, "ulysses", "ds-ulysses", *(name + NOCOMM for name in (*RING_STRATEGIES, "ulysses")),
+             *(name + NOKERNEL for name in RING_STRATEGIES)}
     unknown = [s for s in args.strategies.split(",") if s not in known]
     if unknown:
         ap.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -158,7 +162,7 @@ def repredict(doc: dict) -> dict:
 
 def sim_name(strategy: str) -> str:
     """The dist.sim schedule of a benchmarked strategy (DeepSpeed's Ulysses moves what ours does)."""
-    strategy = strategy.removesuffix(NOCOMM)
+    strategy = strategy.removesuffix(NOCOMM).removesuffix(NOKERNEL)
     return "ulysses" if strategy == "ds-ulysses" else strategy
 
 
@@ -215,6 +219,25 @@ def _without_messages():
             module.comm = comm
 
 
+@contextlib.contextmanager
+def _without_kernels():
+    """Runs the block with the ring strategies' attention kernels returning zeros at once: what is
+    left is the schedule's messages (and the code around them)."""
+    real = ring_strategies.attention_forward, ring_strategies.attention_backward
+
+    def forward(q, k, v, **_):
+        return torch.zeros_like(q), torch.zeros(q.shape[0], q.shape[2], q.shape[1], device=q.device)
+
+    def backward(dout, q, k, v, out, lse, **_):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    ring_strategies.attention_forward, ring_strategies.attention_backward = forward, backward
+    try:
+        yield
+    finally:
+        ring_strategies.attention_forward, ring_strategies.attention_backward = real
+
+
 def _predicted(strategy: str, w: Workload, link: LinkProfile, cpu: ComputeProfile,
                compute_only: dict | None = None) -> tuple[float, float]:
     """(predicted s, predicted compute-only s) of a benchmarked strategy.
@@ -226,6 +249,9 @@ def _predicted(strategy: str, w: Workload, link: LinkProfile, cpu: ComputeProfil
     compute from the flops alone, so its error is the flops model's.
     """
     name = sim_name(strategy)
+    if strategy.endswith(NOKERNEL):  # messages only: the model with compute for free
+        pred = predict(name, w, link, replace(cpu, fwd_flops=cpu.fwd_flops * 1e9, bwd_flops=cpu.bwd_flops * 1e9))
+        return pred.total_s, 0.0
     measured = None if strategy.endswith(NOCOMM) else (compute_only or {}).get(name)
     if measured:
         k = measured / predict(name, w, link, cpu).compute_s
@@ -236,7 +262,10 @@ def _predicted(strategy: str, w: Workload, link: LinkProfile, cpu: ComputeProfil
 
 
 def _compute_source(strategy: str, compute_only: dict) -> str:
-    """Where a row's predicted compute comes from: "measured" (its -nocomm run) or "flops"."""
+    """Where a row's predicted compute comes from: "measured" (its -nocomm run), "flops", or "none"
+    (a -nokernel row)."""
+    if strategy.endswith(NOKERNEL):
+        return "none"
     return "measured" if not strategy.endswith(NOCOMM) and sim_name(strategy) in compute_only else "flops"
 
 
@@ -296,7 +325,12 @@ def run_world(args, link_override):
         if "ulysses" in strategy and (args.heads % world or args.kv_heads % world):
             skipped[strategy] = f"heads not divisible by {world}"
             continue
-        if strategy.endswith(NOCOMM):
+        if strategy.endswith(NOKERNEL):
+            def step(mine=mine, strategy=strategy.removesuffix(NOKERNEL), layout=layout):
+                qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
+                with _without_kernels():
+                    sp_attention(qq, kk, vv, causal=args.causal, strategy=strategy, layout=layout).backward(mine[3])
+        elif strategy.endswith(NOCOMM):
             def step(mine=mine, strategy=strategy.removesuffix(NOCOMM), layout=layout):
                 qq, kk, vv = (x.clone().requires_grad_() for x in mine[:3])
                 with _without_messages():

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import bench_links  # noqa: E402
-from benchmarks.bench_ringattn import DEFAULT_STRATEGIES, NOCOMM  # noqa: E402
+from benchmarks.bench_ringattn import DEFAULT_STRATEGIES, NOCOMM, NOKERNEL  # noqa: E402
 from benchmarks.testbed import Testbed, parse_rate  # noqa: E402
 
 RING_BENCH = os.path.join(REPO, "benchmarks", "bench_ringattn.py")
@@ -181,11 +181,12 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
              "rank's time blocked in dist.comm (not counted for DeepSpeed). predicted compute: the strategy's "
              "-nocomm row (its schedule run without messages on the same ranks) where one ran, else the "
              "kernel flops model; a -nocomm row's own prediction is the flops model's, its error what the "
-             "flops miss (not counted below).", "",
+             "flops miss (not counted below). -nokernel rows: the messages with the kernels stubbed, against "
+             "the model's messages alone.", "",
              "| link | P | probed MB/s | duplex | while computing | strategy | measured ms | waiting ms | predicted ms | "
              "error | predicted compute ms | MB/rank | ring / this |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    errors, compute_errors = [], []
+    errors, compute_errors, message_errors = [], [], []
     for pt in points:
         link = pt["link"] if pt["link"] == "loopback" else f"{pt['topology']} {pt['rate']}"
         prof = pt.get("profile") or {}
@@ -212,7 +213,8 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
                 continue
             err = f"{pr / m - 1:+.1%}" if m and pr else "-"
             if m and pr:
-                (compute_errors if r["strategy"].endswith(NOCOMM) else errors).append(pr / m - 1)
+                kind = next((k for k in (NOCOMM, NOKERNEL) if r["strategy"].endswith(k)), "")
+                {NOCOMM: compute_errors, NOKERNEL: message_errors, "": errors}[kind].append(pr / m - 1)
             vs = f"{ring / m:.2f}x" if ring and m else "-"
             mb = f"{b / 1e6:.2f}" if b else "-"
             lines.append(f"| {link} | {pt['world_size']} | {bw} | {dup} | {r['strategy']} | {ms(m)} | "
@@ -221,6 +223,10 @@ def write_report(args, points: list[dict], measured: dict | None = None) -> None
         errors = [abs(e) for e in errors]
         lines.append(f"\n{sum(e <= 0.10 for e in errors)} of {len(errors)} points within 10% of the measured time "
                      f"(largest error {100 * max(errors):.1f}%).")
+    if message_errors:
+        lines.append(f"The model's messages alone against the -nokernel rows (kernels stubbed): "
+                     f"{100 * min(message_errors):+.1f}% to {100 * max(message_errors):+.1f}% ({len(message_errors)} rows; "
+                     "not counted above).")
     if compute_errors:
         lines.append(f"The flops model's compute against the -nocomm rows: {100 * min(compute_errors):+.0f}% to "
                      f"{100 * max(compute_errors):+.0f}% ({len(compute_errors)} rows); the predictions above use "
