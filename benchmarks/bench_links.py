@@ -229,8 +229,8 @@ def interference(move, group, warmup: int = 1, repeats: int = 5, min_s: float = 
         rate_while_computing      = t_alone / t_loaded (at most 1)
         compute_lost_while_moving = (t_loaded - ops x time per op) / t_loaded, averaged over ranks
 
-    medians over the repeats: what dist.sim's LinkProfile.overlap_s charges a step whose messages
-    overlap compute on shared cores.
+    medians over the repeats: what dist.sim's timeline charges messages and compute that meet on
+    shared cores.
     """
     import math
 
@@ -333,8 +333,8 @@ def profiles_from_records(records, label, source, per_peer=False):
             # how the link and compute on the same cores slow each other (1 and 0 when not measured)
             "rate_while_computing": interference.get("rate_while_computing", 1.0),
             "compute_lost_while_moving": interference.get("compute_lost_while_moving", 0.0),
-            # bytes a send has not delivered yet when it completes (recorded for an asynchronous model;
-            # dist.sim's step model does not read it)
+            # bytes a send has not delivered yet when it completes (dist.sim's timeline releases a
+            # sender that early)
             "send_buffer_bytes": None if lead is None else min(n, max(0.0, lead - lat) * send_bps),
             "per_peer": per_peer,
             "group_size": p,

@@ -55,6 +55,17 @@ def test_a_released_send_shares_its_nic_with_the_next_step(per_peer, expected):
     assert replay(steps, unbuffered, SECONDS, False) == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("receiver_late", [0.0, 0.5])
+def test_a_message_the_buffers_hold_releases_its_sender_at_once(receiver_late):
+    """Rank 0 sends 1 MB to rank 1 into 2 MB of socket buffers, then 1 MB to rank 2, over two cables
+    (1 s each at 1 MB/s): released the moment rank 1 posts its receive, rank 0 starts the second
+    message at once, and both end 1 s after that post."""
+    link = LinkProfile("l", 1 * MB, 0.0, per_peer=True, send_buffer_bytes=2 * MB)
+    steps = [step(3, compute=[0.0, receiver_late, 0.0]),  # rank 1 reaches its receive late, or not
+             step(3, messages=[(0, 1, 1 * MB)]), step(3, messages=[(0, 2, 1 * MB)])]
+    assert replay(steps, link, SECONDS, False) == pytest.approx(1.0 + receiver_late)
+
+
 @pytest.mark.parametrize("compute, message_s", [(0.1, 0.3), (0.3, 0.1), (0.1, 0.1)])
 def test_compute_and_messages_slow_each_other_until_one_ends(compute, message_s):
     """Each at half speed while both run (rate_while_computing = compute_lost_while_moving = 0.5);
@@ -77,6 +88,10 @@ def test_on_shared_cores_the_network_takes_its_cores_first():
     assert replay([alone], link, shared, False) == pytest.approx(1.0)
     both = step(2, compute=[1.0, 1.0], messages=[(1, 0, 1 * MB)])
     assert replay([both], link, shared, False) == pytest.approx(2.0)
+    # a link the probe saw slowed (f = 0.5) but whose bytes took no compute (g = 0): both ranks
+    # computing, as in the probe, the message runs at half rate until they stop
+    unshared = LinkProfile("l", 1 * MB, 0.0, rate_while_computing=0.5)
+    assert replay([both], unshared, shared, False) == pytest.approx(1.5)  # 0.5 MB in 1 s, then 0.5 s
 
 
 def test_ranks_share_the_cores_only_while_they_compute_at_once():

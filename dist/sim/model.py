@@ -18,9 +18,12 @@ flops (smaller blocks, merges, gradient sums) is not modelled here, and the benc
 moment share the cores, and messages and compute slow each other: a transfer waits for cores the
 ranks hold (TCP stack, veth/bridge forwarding, shaping, wake-ups) and takes CPU from them. The link
 profile carries both, measured on that link with every rank computing (benchmarks/bench_links.py's
-interference pattern): while a rank computes its messages run at rate_while_computing of their
-rate, and while it has messages in flight its compute loses compute_lost_while_moving. GPU links
-move bytes by DMA and each rank has its own device (cores = None, no interference, no buffering).
+interference pattern: rate_while_computing f, compute_lost_while_moving g). On shared cores the
+network stack takes the cores the probe's ranks lost while bytes move, the computing ranks share
+the rest, and messages run at f while the cores are as busy as in the probe; with a device per
+rank a rank's compute loses g while its own messages move and they run at f while either end
+computes (dist/sim/timeline.py has the details). GPU links move bytes by DMA and each rank has its
+own device (cores = None, f = 1, g = 0, nothing buffered).
 """
 
 from __future__ import annotations
@@ -414,9 +417,9 @@ class Prediction:
 
 
 def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backward: bool) -> tuple[float, float]:
-    """(modelled time of one pass, its compute alone: the steps' compute with free messages)."""
-    compute_only = sum(compute.step_compute_s(s.flops, backward) for s in steps)
-    return replay(steps, link, compute, backward), compute_only
+    """(modelled time of one pass, the same pass with free messages: its compute alone)."""
+    free = LinkProfile("free", 1e30, 0.0, alltoall_Bps=1e30, allgather_Bps=1e30)
+    return replay(steps, link, compute, backward), replay(steps, free, compute, backward)
 
 
 def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfile) -> Prediction:

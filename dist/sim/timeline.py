@@ -11,9 +11,9 @@ receive). Flows share what they cross by max-min fair rates: one NIC per rank (o
 `bandwidth_Bps`, at `duplex` of it while the opposite direction carries data too. A sender is
 released when no more than `send_buffer_bytes` remain (socket buffers hold the rest; 0 for DMA/RDMA
 links), so its next step's messages may share its NIC with that tail: on a switch the tail then
-slows, on a mesh it does not (measured on the testbed: TokenRing's messages alone, kernels
-stubbed, took 0.99 s on a switch and 0.83 s on a mesh at 200 Mbit/s, P=3, where a step-synchronous
-model gives 0.90 and 0.88 s, and this replay 0.98 and 0.80-0.84 s).
+slows, on a mesh it does not (benchmarks/results/bench_testbed_messages.md: TokenRing's messages
+alone, kernels stubbed, P=3 at 200 Mbit/s, took 1.01 s on a switch and 0.83 s on a mesh; this
+replay gives 0.95 and 0.82 s, a model that ends every step together on every rank 0.90 and 0.88 s).
 
 Compute: rank r's step takes flops / rate alone. When the ranks share one machine's
 `ComputeProfile.cores` CPU cores (the testbed, loopback), the ranks computing at one moment share
@@ -21,8 +21,8 @@ them, and while any message moves the network stack takes its cores first (kerne
 runs ahead of the ranks): benchmarks/bench_links.py's interference probe saw its p ranks, all
 computing, lose compute_lost_while_moving (g) of their progress while bytes moved, so the network
 takes cores - min(p, cores) * (1 - g) and the n ranks computing run at min(1, what is left / n).
-Messages whose ends compute run at rate_while_computing (the probe's f) only while the cores are
-oversubscribed (n + the network's share > cores). TokenRing's ranks mostly wait on messages, so
+Messages whose ends compute run at rate_while_computing (the probe's f) while the cores are as
+busy as in the probe (n >= min(p, cores)) or oversubscribed (n + the network's share > cores). TokenRing's ranks mostly wait on messages, so
 one computing rank rarely finds the cores short; charging g to every rank with a message in
 flight, as a device-per-rank view would, over-predicted TokenRing on the 200 Mbit/s mesh by 10-13%
 (6% this way) and left the other testbed points where they were. With a device per rank (cores =
@@ -30,7 +30,8 @@ None; GPU links have f = 1 and g = 0) a rank's compute runs at 1 - g while its o
 and its messages at f while either end computes.
 
 A step that is a blocking collective (all-gather, all-to-all) waits for every rank, then takes its
-compute plus the collective at the link's measured collective rate, as in the step model.
+compute (ComputeProfile.step_compute_s) plus the collective at the link's measured collective rate;
+every rank leaves it at the same moment.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def replay(steps: list, link, compute, backward: bool) -> float:
             if other is not None and posted[other] is not None and step[other] == step[r]:
                 start = max(posted[a], posted[b]) + s.messages[a] * link.latency_s
                 flows[(a, b, step[r])] = _Flow(a, b, nbytes, start, buffered)
+                if other == a:  # a sender already waiting: a message its buffers hold releases it now
+                    try_finish(a)
         try_finish(r)
 
     while None in finished:
@@ -160,7 +163,8 @@ def replay(steps: list, link, compute, backward: bool) -> float:
         if cores:  # one machine's cores: the moving bytes' share first, the computing ranks the rest
             net = network_cores if live else 0.0
             pace = [min(1.0, (cores - net) / n_computing) if n_computing else 1.0] * p
-            slowed = n_computing + net > cores
+            # as loaded as the probe was (its ranks all computing), or the cores oversubscribed
+            slowed = n_computing >= min(p, cores) or n_computing + net > cores
             for i, fl in enumerate(live):
                 if slowed and (computing[fl.src] or computing[fl.dst]):
                     speeds[i] *= f_rate
