@@ -106,7 +106,7 @@ def make_inputs(args, seed=0):
 def measure_link(nbytes=8 << 20, repeats=3):
     """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it.
     How that exchange and the compute of every rank beside it slow each other: bench_links.interference."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     peer = 1 - rank if rank < 2 else None
     buf, small = torch.zeros(nbytes // 4), torch.zeros(1)
 
