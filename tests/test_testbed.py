@@ -238,6 +238,10 @@ def test_probe_profiles_from_measurements():
                     "rate_while_computing": 0.6, "compute_lost_while_moving": 0.25}
     (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
     assert prof["rate_while_computing"] == 0.6 and prof["compute_lost_while_moving"] == 0.25
+    assert prof["compute_lost_slowest"] == 0.25  # an older probe's record: the mean stands in
+    (uneven,) = bench_links.profiles_from_records(records + [{**interference, "compute_lost_slowest": 0.4}],
+                                                  "made-up", "test")
+    assert uneven["compute_lost_slowest"] == 0.4
     assert prof["per_peer"] is True
     assert prof["send_buffer_bytes"] is None  # not measured
     # a send released 10 ms (+ one latency) before its receiver had it: 10 ms of the rate buffered
@@ -245,13 +249,16 @@ def test_probe_profiles_from_measurements():
     assert prof["send_buffer_bytes"] == pytest.approx(0.01 * 100e6)
 
 
-def _interference_of(rank, world):
+def _moves(core: int = 0):
+    """Pins this process to one core (the `core`-th it may use, modulo) and returns two stand-in
+    transfers of ~0.05 s: one that only waits and one that needs that core."""
     import time
 
     def idle_move():  # a transfer that only waits (as gloo's do: no CPU, no GIL)
         time.sleep(0.05)
 
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # the "transfer" and the compute share a core
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[core % len(cores)]})  # the "transfer" and the compute share a core
     t0, n = time.perf_counter(), 200_000
     for _ in range(n):
         pass
@@ -261,6 +268,11 @@ def _interference_of(rank, world):
         for _ in range(n):
             pass
 
+    return idle_move, busy_move
+
+
+def _interference_of(rank, world):
+    idle_move, busy_move = _moves()
     idle = bench_links.interference(idle_move, None, warmup=0, repeats=3, min_s=0.2)
     busy = bench_links.interference(busy_move, None, warmup=0, repeats=3, min_s=0.2)
     return idle, busy
@@ -278,3 +290,21 @@ def test_interference_measures_how_transfer_and_compute_slow_each_other():
     assert busy["rounds"] in (4, 5) and busy["alone_s"] >= 0.19
     assert idle["rate_while_computing"] > 0.8 and idle["compute_lost_while_moving"] < 0.2, idle
     assert busy["rate_while_computing"] < 0.8 and busy["compute_lost_while_moving"] > 0.2, busy
+    assert busy["compute_lost_slowest"] == pytest.approx(busy["compute_lost_while_moving"])  # one rank
+
+
+def _uneven_interference_of(rank, world):
+    idle, busy = _moves(core=rank)
+    return bench_links.interference(busy if rank == 0 else idle, None, warmup=0, repeats=3, min_s=0.2)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core per rank")
+@pytest.mark.timeout(60)
+def test_interference_reports_the_most_slowed_rank():
+    """Two ranks, each on a core of its own where there are two: rank 0's transfer needs its core,
+    rank 1's only waits. The mean loss is about half of rank 0's; the most-slowed rank's is rank 0's."""
+    from tests.multirank import run_ranks
+
+    res = run_ranks(_uneven_interference_of, 2, timeout_s=50)[0]
+    assert res["compute_lost_slowest"] > 0.2, res
+    assert res["compute_lost_slowest"] > 1.5 * res["compute_lost_while_moving"], res
