@@ -8,7 +8,7 @@ collects every strategy's measured step time, bytes per rank and predicted time.
 `--loopback` runs the same on loopback without a testbed (no root needed).
 
   python benchmarks/bench_testbed_sweep.py --world-sizes 2,3,4 \
-      --rates 1gbit,200mbit,50mbit --topologies switch --repeats 5
+      --rates 1gbit,200mbit,50mbit --topologies switch --repeats 9
 
 Writes benchmarks/results/bench_testbed_sweep.json and .md (override with --json).
 `--repredict` redoes every prediction of an existing JSON with the current dist.sim (from the
