@@ -35,7 +35,8 @@ a rank sends and receives in the same step, / bandwidth when it only sends):
                    t_shifts beside compute             while the link carries data (mean over ranks)
   compute_lost_slowest                                 the same for the most-slowed rank of each
                                                        repeat (the network's work is not spread
-                                                       evenly over the cores; not yet used by dist.sim)
+                                                       evenly over the cores: dist.sim charges it
+                                                       while a core per rank all compute)
   send_buffer_bytes = (t_lead - latency) x bandwidth   bytes a send of N has not delivered when it
                    (send_lead: rank 0's send done ->   completes (socket buffers): its sender goes
                    rank 1's answer on receiving)       on while they drain

@@ -133,7 +133,8 @@ def measure_link(nbytes=8 << 20, repeats=3):
     bw = nbytes / max(results["bw"] - lat, 1e-9)
     return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}",
                        rate_while_computing=shared["rate_while_computing"],
-                       compute_lost_while_moving=shared["compute_lost_while_moving"])
+                       compute_lost_while_moving=shared["compute_lost_while_moving"],
+                       compute_lost_slowest=shared["compute_lost_slowest"])
 
 
 def workload(args, world: int, device_type: str = "cpu", itemsize: int | None = None) -> Workload:

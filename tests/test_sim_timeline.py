@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist.sim.model import ComputeProfile, LinkProfile, Step
+from dist.sim.model import ComputeProfile, LinkProfile, Step, link_profile
 from dist.sim.timeline import replay
 
 MB = 1e6
@@ -92,6 +92,29 @@ def test_on_shared_cores_the_network_takes_its_cores_first():
     # computing, as in the probe, the message runs at half rate until they stop
     unshared = LinkProfile("l", 1 * MB, 0.0, rate_while_computing=0.5)
     assert replay([both], unshared, shared, False) == pytest.approx(1.5)  # 0.5 MB in 1 s, then 0.5 s
+
+
+def test_with_a_core_per_rank_the_most_slowed_rank_sets_the_pace():
+    """Both ranks of 2 on 2 cores compute 2 s while a 1 MB message takes the first second. The probe
+    saw the mean rank lose 0.2 while bytes moved and the most-slowed 0.5: the ranks run at 0.5 for
+    that second (0.5 s of work done), then at full speed (1.5 s more): 2.5 s, where the mean alone
+    gives 0.8 + 1.2 s. With 4 ranks on the 2 cores (time-shared) the mean holds either way."""
+    shared = ComputeProfile("2 cores", 1.0, 1.0, cores=2)
+    mean_only = LinkProfile("l", 1 * MB, 0.0, compute_lost_while_moving=0.2)
+    uneven = LinkProfile("l", 1 * MB, 0.0, compute_lost_while_moving=0.2, compute_lost_slowest=0.5)
+    two = step(2, compute=2.0, messages=[(1, 0, 1 * MB)])
+    assert replay([two], mean_only, shared, False) == pytest.approx(2.2)
+    assert replay([two], uneven, shared, False) == pytest.approx(2.5)
+    # 4 ranks: the network takes 2 - 2 * 0.8 = 0.4 cores for 1 s, the ranks share 1.6 (0.4 each,
+    # 0.4 s of work done), then 2 cores (0.5 each, 1.6 s of work in 3.2 s)
+    four = step(4, compute=2.0, messages=[(1, 0, 1 * MB)])
+    assert replay([four], mean_only, shared, False) == pytest.approx(4.2)
+    assert replay([four], uneven, shared, False) == pytest.approx(4.2)
+    with pytest.raises(ValueError, match="compute_lost_slowest"):  # below the mean: not a probe's figure
+        LinkProfile("l", 1 * MB, 0.0, compute_lost_while_moving=0.2, compute_lost_slowest=0.1)
+    read = link_profile({"name": "l", "bandwidth_Bps": 1e6, "latency_s": 0.0, "compute_lost_while_moving": 0.2,
+                         "compute_lost_slowest": 0.5})
+    assert read == uneven and link_profile({"name": "l", "bandwidth_Bps": 1e6, "latency_s": 0.0}).lost_by_slowest == 0
 
 
 def test_ranks_share_the_cores_only_while_they_compute_at_once():

@@ -51,7 +51,8 @@ class LinkProfile:
     rate_while_computing: the link's rate while the ranks compute on the cores its transfers also
     need (ranks sharing a host), as a fraction of its idle rate (1 for DMA/RDMA links);
     compute_lost_while_moving: the fraction of compute progress lost while the link carries data
-    (0 for DMA/RDMA links). Both measured per link setting with every rank computing
+    (0 for DMA/RDMA links), the mean over ranks; compute_lost_slowest: the same for the most-slowed
+    rank (None: not measured, the mean). All measured per link setting with every rank computing
     (benchmarks/bench_links.py's interference pattern), not constants of the machine;
     per_peer: every pair of ranks has its own link (a mesh of cables, the testbed's mesh), so a
     rank's messages to different peers do not share a rate; False: one NIC per rank (a switch);
@@ -73,6 +74,7 @@ class LinkProfile:
     rate_while_computing: float = 1.0
     compute_lost_while_moving: float = 0.0
     send_buffer_bytes: float = 0.0
+    compute_lost_slowest: float | None = None
 
     def __post_init__(self):
         if self.bandwidth_Bps <= 0 or self.latency_s < 0 or not 0 < self.duplex <= 1:
@@ -82,6 +84,15 @@ class LinkProfile:
                              f"compute_lost_while_moving in [0, 1)")
         if self.send_buffer_bytes < 0:
             raise ValueError(f"link {self.name!r}: send_buffer_bytes must be >= 0")
+        if self.compute_lost_slowest is not None and not (
+                self.compute_lost_while_moving <= self.compute_lost_slowest < 1):
+            raise ValueError(f"link {self.name!r}: compute_lost_slowest must be in "
+                             f"[compute_lost_while_moving, 1)")
+
+    @property
+    def lost_by_slowest(self) -> float:
+        """The most-slowed rank's fraction of compute lost while bytes move (the mean where not measured)."""
+        return self.compute_lost_while_moving if self.compute_lost_slowest is None else self.compute_lost_slowest
 
     def transfer_s(self, sent: float, recv: float, messages: int) -> float:
         """Time to send `sent` and receive `recv` bytes: the part both directions carry at once at the
@@ -181,12 +192,14 @@ def link_profile(entry: dict) -> LinkProfile:
         per_peer=entry.get("per_peer", False), allgather_Bps=number("allgather_Bps"),
         rate_while_computing=number("rate_while_computing", 1.0),
         compute_lost_while_moving=number("compute_lost_while_moving", 0.0),
-        send_buffer_bytes=number("send_buffer_bytes") or 0.0)
+        send_buffer_bytes=number("send_buffer_bytes") or 0.0,
+        compute_lost_slowest=number("compute_lost_slowest"))
 
 
 def load_link_profiles(path) -> dict[str, LinkProfile]:
     """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps", "allgather_Bps",
-    "per_peer", "rate_while_computing", "compute_lost_while_moving", ...}, ...]} (all but the first three
+    "per_peer", "rate_while_computing", "compute_lost_while_moving", "compute_lost_slowest",
+    "send_buffer_bytes"}, ...]} (all but the first three
     optional)."""
     with open(path) as f:
         data = json.load(f)

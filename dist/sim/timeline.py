@@ -22,12 +22,18 @@ runs ahead of the ranks): benchmarks/bench_links.py's interference probe saw its
 computing, lose compute_lost_while_moving (g) of their progress while bytes moved, so the network
 takes cores - min(p, cores) * (1 - g) and the n ranks computing run at min(1, what is left / n).
 Messages whose ends compute run at rate_while_computing (the probe's f) while the cores are as
-busy as in the probe (n >= min(p, cores)) or oversubscribed (n + the network's share > cores). TokenRing's ranks mostly wait on messages, so
-one computing rank rarely finds the cores short; charging g to every rank with a message in
-flight, as a device-per-rank view would, over-predicted TokenRing on the 200 Mbit/s mesh by 10-13%
-(6% this way) and left the other testbed points where they were. With a device per rank (cores =
-None; GPU links have f = 1 and g = 0) a rank's compute runs at 1 - g while its own messages move
-and its messages at f while either end computes.
+busy as in the probe (n >= min(p, cores)) or oversubscribed (n + the network's share > cores).
+TokenRing's ranks mostly wait on messages, so one computing rank rarely finds the cores short;
+charging g to every rank with a message in flight, as a device-per-rank view would, over-predicted
+TokenRing on the 200 Mbit/s mesh by 10-13% (6% this way) and left the other testbed points where
+they were. With a core per rank (p <= cores) the network's work does not spread evenly: in each
+step one rank's core does more of it, and ranks that wait on each other wait for that one, so
+while all p compute beside moving bytes they run at 1 - compute_lost_slowest (the probe's
+most-slowed rank; bench_links.md at 1 Gbit/s, P=2: 0.34 against the mean 0.25); with more ranks
+than cores the scheduler moves them between cores and the mean holds.
+
+With a device per rank (cores = None; GPU links have f = 1 and g = 0) a rank's compute runs at
+1 - g while its own messages move and its messages at f while either end computes.
 
 A step that is a blocking collective (all-gather, all-to-all) waits for every rank, then takes its
 compute (ComputeProfile.step_compute_s) plus the collective at the link's measured collective rate;
@@ -87,7 +93,7 @@ def replay(steps: list, link, compute, backward: bool) -> float:
     p = len(steps[0].flops)
     rate = compute.bwd_flops if backward else compute.fwd_flops
     cores = compute.cores
-    f_rate, g_lost = link.rate_while_computing, link.compute_lost_while_moving
+    f_rate, g_lost, g_slowest = link.rate_while_computing, link.compute_lost_while_moving, link.lost_by_slowest
     # the probe saw its p ranks computing on `cores` lose g of their progress while bytes moved: the
     # network stack (softirq, which runs ahead of the ranks) took what the ranks lost
     network_cores = cores - min(p, cores) * (1.0 - g_lost) if cores else 0.0
@@ -163,6 +169,8 @@ def replay(steps: list, link, compute, backward: bool) -> float:
         if cores:  # one machine's cores: the moving bytes' share first, the computing ranks the rest
             net = network_cores if live else 0.0
             pace = [min(1.0, (cores - net) / n_computing) if n_computing else 1.0] * p
+            if live and p <= cores and n_computing == p:  # a core per rank, as the probe's: uneven
+                pace = [min(pace[0], 1.0 - g_slowest)] * p
             # as loaded as the probe was (its ranks all computing), or the cores oversubscribed
             slowed = n_computing >= min(p, cores) or n_computing + net > cores
             for i, fl in enumerate(live):
