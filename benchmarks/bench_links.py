@@ -66,8 +66,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOISY = 8  # the collectives and the interference pattern take NOISY x --repeats samples (gloo's
-# all-to-all over a shaped switch varies +-15% call to call; 25 calls left ~5% between probes)
+NOISY = 5  # the collectives and the interference pattern take NOISY x --repeats samples
 
 
 def parse_args(argv=None):
