@@ -17,9 +17,9 @@ collectives and the interference pattern, which vary call to call: gloo's
 all-to-all between two ranks, one connection carrying both directions, runs at
 half rate per direction in about 7 calls of 8 and at full rate in the rest, so
 a median of 5 can land on the rare mode); latency = shift of a 64-byte
-message. Rates subtract that latency. Profiles (one per p, in dist.sim's terms,
-whose LinkProfile.transfer_s charges max(sent, recv) / (bandwidth * duplex) when
-a rank sends and receives in the same step, / bandwidth when it only sends):
+message. Rates subtract that latency. Profiles (one per p, in dist.sim's terms:
+its timeline runs point-to-point messages as flows sharing each NIC or cable at
+bandwidth, at bandwidth * duplex per direction while both directions carry data):
 
   bandwidth_Bps = N / (t_send - latency)               one-way bytes/s per rank
   latency_s     = t_shift(64 B)                        per message

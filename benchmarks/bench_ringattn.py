@@ -153,7 +153,7 @@ def repredict(doc: dict) -> dict:
         meta, world = run["meta"], run["world"]
         link, cpu = link_profile(meta["link"]), ComputeProfile(**meta["compute"])
         w = workload(doc["args"], world)
-        measured = _compute_only(run["rows"])
+        measured = _compute_only({r["strategy"]: r["median_s"] for r in run["rows"] if "median_s" in r})
         for row in run["rows"]:
             if "median_s" in row:
                 row["predicted_s"], row["predicted_compute_s"] = _predicted(row["strategy"], w, link, cpu, measured)
@@ -253,7 +253,7 @@ def _predicted(strategy: str, w: Workload, link: LinkProfile, cpu: ComputeProfil
     if strategy.endswith(NOKERNEL):  # messages only: the model with compute for free
         pred = predict(name, w, link, replace(cpu, fwd_flops=cpu.fwd_flops * 1e9, bwd_flops=cpu.bwd_flops * 1e9))
         return pred.total_s, 0.0
-    measured = None if strategy.endswith(NOCOMM) else (compute_only or {}).get(name)
+    measured = _measured_compute(strategy, compute_only)
     if measured:
         k = measured / predict(name, w, link, cpu).compute_s
         cpu = replace(cpu, fwd_flops=cpu.fwd_flops / k, bwd_flops=cpu.bwd_flops / k,
@@ -267,13 +267,20 @@ def _compute_source(strategy: str, compute_only: dict) -> str:
     (a -nokernel row)."""
     if strategy.endswith(NOKERNEL):
         return "none"
-    return "measured" if not strategy.endswith(NOCOMM) and sim_name(strategy) in compute_only else "flops"
+    return "measured" if _measured_compute(strategy, compute_only) else "flops"
 
 
-def _compute_only(rows) -> dict:
-    """{schedule name: measured median s} of the "-nocomm" rows among `rows` (what _predicted takes)."""
-    return {sim_name(r["strategy"]): r["median_s"] for r in rows
-            if r["strategy"].endswith(NOCOMM) and "median_s" in r}
+def _measured_compute(strategy: str, compute_only: dict | None) -> float | None:
+    """The measured compute-only s a strategy's prediction is scaled to (None: from the flops)."""
+    if strategy.endswith((NOCOMM, NOKERNEL)):
+        return None
+    return (compute_only or {}).get(sim_name(strategy)) or None
+
+
+def _compute_only(medians: dict) -> dict:
+    """{schedule name: measured s} of the "-nocomm" strategies in {strategy: median s} (what
+    _predicted takes)."""
+    return {sim_name(name): t for name, t in medians.items() if name.endswith(NOCOMM)}
 
 
 def ulysses_fn(group, causal):
@@ -371,7 +378,7 @@ def run_world(args, link_override):
         cores = os.cpu_count() or 1  # runs slower when all compute at once than alone: measured above
         cpu = cpu.shared(cores, slowdown=max(1.0, t_all / (t1 * max(1.0, world / cores))))
     rows = []
-    measured = {sim_name(name): statistics.median(times[name]) for name in times if name.endswith(NOCOMM)}
+    measured = _compute_only({name: statistics.median(t) for name, t in times.items()})
     for strategy in args.strategies.split(","):
         if strategy in skipped:
             rows.append(dict(strategy=strategy, skipped=skipped[strategy]))

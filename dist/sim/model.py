@@ -131,21 +131,16 @@ class ComputeProfile:
 
     def shared(self, cores: float, slowdown: float = 1.0) -> "ComputeProfile":
         """This profile for single-threaded ranks that all run on `cores` cores of one machine (the
-        testbed's "hosts", loopback runs): P ranks on fewer cores get cores / P of the rate each.
+        testbed's "hosts", loopback runs): dist.sim.timeline shares the cores among the ranks
+        computing at each moment (after the network stack's share while bytes move).
         slowdown: how much slower the kernel runs when every rank computes at once than alone (shared
         caches, memory bandwidth and, beyond `cores` ranks, time slices), measured by the caller."""
         return replace(self, cores=float(cores), fwd_flops=self.fwd_flops / slowdown,
                        bwd_flops=self.bwd_flops / slowdown,
                        source=f"{self.source}; ranks share {cores:g} cores, {slowdown:.3f}x slower all at once")
 
-    def step_compute_s(self, flops: list, backward: bool) -> float:
-        """Time of a step in which rank r computes flops[r]."""
-        rate = self.bwd_flops if backward else self.fwd_flops
-        longest = max(flops) / rate if flops else 0.0
-        if self.cores is None:
-            return longest
-        return max(longest, sum(flops) / rate / self.cores)
 
+FREE_LINK = LinkProfile("free", 1e30, 0.0, alltoall_Bps=1e30, allgather_Bps=1e30)  # messages cost nothing
 
 # Effective rates, derated from nominal (NVLink 4: 450 GB/s per direction per H100 SXM; PCIe Gen4/Gen5
 # x16: 32/64 GB/s per direction; InfiniBand NDR 400 Gb/s = 50 GB/s, HDR 200 Gb/s = 25 GB/s per port).
@@ -431,8 +426,7 @@ class Prediction:
 
 def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backward: bool) -> tuple[float, float]:
     """(modelled time of one pass, the same pass with free messages: its compute alone)."""
-    free = LinkProfile("free", 1e30, 0.0, alltoall_Bps=1e30, allgather_Bps=1e30)
-    return replay(steps, link, compute, backward), replay(steps, free, compute, backward)
+    return replay(steps, link, compute, backward), replay(steps, FREE_LINK, compute, backward)
 
 
 def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfile) -> Prediction:

@@ -25,7 +25,7 @@ Messages whose ends compute run at rate_while_computing (the probe's f) while th
 busy as in the probe (n >= min(p, cores)) or oversubscribed (n + the network's share > cores).
 TokenRing's ranks mostly wait on messages, so one computing rank rarely finds the cores short;
 charging g to every rank with a message in flight, as a device-per-rank view would, over-predicted
-TokenRing on the 200 Mbit/s mesh by 10-13% (6% this way) and left the other testbed points where
+TokenRing on the 200 Mbit/s mesh by 10-13% when this rule was made and left the other testbed points where
 they were. With a core per rank (p <= cores) the network's work does not spread evenly: in each
 step one rank's core does more of it, and ranks that wait on each other wait for that one, so
 while all p compute beside moving bytes they run at 1 - compute_lost_slowest (the probe's
@@ -35,9 +35,9 @@ than cores the scheduler moves them between cores and the mean holds.
 With a device per rank (cores = None; GPU links have f = 1 and g = 0) a rank's compute runs at
 1 - g while its own messages move and its messages at f while either end computes.
 
-A step that is a blocking collective (all-gather, all-to-all) waits for every rank, then takes its
-compute (ComputeProfile.step_compute_s) plus the collective at the link's measured collective rate;
-every rank leaves it at the same moment.
+A step that is a blocking collective (all-gather, all-to-all; no compute of its own) waits for every
+rank, then takes the collective's time at the link's measured collective rate; every rank leaves it
+at the same moment.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def replay(steps: list, link, compute, backward: bool) -> float:
                     coll = max(link.allgather_s(s.recv[q], s.messages[q], p) for q in range(p))
                 else:
                     coll = max(link.alltoall_s(s.sent[q], s.messages[q]) for q in range(p))
-                end = max(here.values()) + compute.step_compute_s(s.flops, backward) + coll
+                assert not any(s.flops), "a collective step computes nothing; its compute is its own step"
+                end = max(here.values()) + coll
                 for q in range(p):
                     advance_rank(q, end)
             return
