@@ -209,6 +209,9 @@ def test_link_probe_on_loopback(tmp_path):
                                                            "shift_1g", "interference", "send_lead"}
     lead = next(r for r in doc["measurements"] if r["pattern"] == "send_lead")
     assert lead["median_s"] > 0  # the answer came back after the send completed
+    # the all-to-all sample: A2A_CALLS calls of a third of --bytes, counted as the bytes of all of them
+    a2a = next(r for r in doc["measurements"] if r["pattern"] == "alltoall" and r["size"] == "large")
+    assert a2a["calls"] == bench_links.A2A_CALLS and a2a["bytes"] == (1 << 16) // 4 // 3 // 2 * 2 * 4 * 3
     assert doc["profiles"][0]["send_buffer_bytes"] is not None
     assert out.with_suffix(".md").exists()
 
@@ -238,6 +241,9 @@ def test_probe_profiles_from_measurements():
                     "rate_while_computing": 0.6, "compute_lost_while_moving": 0.25}
     (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
     assert prof["rate_while_computing"] == 0.6 and prof["compute_lost_while_moving"] == 0.25
+    # an all-to-all sample of several calls back to back pays a latency per call
+    three = [r for r in records if r["pattern"] != "alltoall"] + [{**rec("alltoall", 3 * lat + n / 2 / 50e6), "calls": 3}]
+    assert bench_links.profiles_from_records(three, "made-up", "test")[0]["alltoall_Bps"] == pytest.approx(50e6)
     assert prof["compute_lost_slowest"] == 0.25  # an older probe's record: the mean stands in
     (uneven,) = bench_links.profiles_from_records(records + [{**interference, "compute_lost_slowest": 0.4}],
                                                   "made-up", "test")
