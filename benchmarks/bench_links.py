@@ -14,10 +14,11 @@ two directions on one connection run at about half rate per direction):
   shift_1g  the shift with both directions on ONE group (what the up/down split avoids)
 
 Times are the slowest rank's, median over repeats (NOISY x --repeats for the
-collectives and the interference pattern, which vary call to call: gloo's
-all-to-all between two ranks, one connection carrying both directions, runs at
-half rate per direction in about 7 calls of 8 and at full rate in the rest, so
-a median of 5 can land on the rare mode); latency = shift of a 64-byte
+shift, the collectives and the interference pattern, which vary call to call:
+gloo's all-to-all between two ranks, one connection carrying both directions,
+runs at half rate per direction in about 7 calls of 8 and at full rate in the
+rest, so a median of 5 can land on the rare mode; four ranks' shift on two
+cores at 1 Gbit/s ranged 36-52 ms in 5 calls); latency = shift of a 64-byte
 message. Rates subtract that latency. Profiles (one per p, in dist.sim's terms:
 its timeline runs point-to-point messages as flows sharing each NIC or cable at
 bandwidth, at bandwidth * duplex per direction while both directions carry data):
@@ -67,12 +68,13 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOISY = 5  # the collectives and the interference pattern take NOISY x --repeats samples
+NOISY = 5  # the shift, the collectives and the interference pattern take NOISY x --repeats samples
 # The all-to-all sample is this many calls back to back, as Ulysses runs its q, k, v: on the shaped
 # switch at P=4 three calls of N/3 ran 3-14% away from one call of N (slower at 50-200 Mbit/s, where
 # TCP stalls on the crowded ports land in sequences of calls; faster at 1 Gbit/s), and Ulysses'
 # steps followed the three calls
 A2A_CALLS = 3
+NOISY_PATTERNS = ("shift", "alltoall", "allgather")
 
 
 def parse_args(argv=None):
@@ -168,7 +170,7 @@ def _measure(args):
                 times = []
                 if member:
                     run = pattern(name, numel)
-                repeats = args.repeats * (NOISY if name in ("alltoall", "allgather") else 1)
+                repeats = args.repeats * (NOISY if name in NOISY_PATTERNS else 1)
                 for i in range(args.warmup + repeats):
                     if member:
                         dist.barrier(group=g["ctrl"])
@@ -391,7 +393,8 @@ def _write(args, world, records):
     by = {(r["group_size"], r["pattern"], r["size"]): r for r in records}
     lines = [f"# Link probe: {label} ({when})", "", f"Machine: {machine}. Setting: {setting}. "
              f"N = {args.bytes} bytes, median (min-max) of {args.repeats} runs; of {NOISY * args.repeats} for "
-             f"alltoall, allgather and interference.", "",
+             f"{', '.join(NOISY_PATTERNS)} and interference; alltoall: {A2A_CALLS} calls of N / {A2A_CALLS} "
+             "back to back.", "",
              "| p | pattern | median ms | min-max ms | MB/s per rank per direction | / link setting |",
              "|---|---|---|---|---|---|"]
     for (p, pattern, size), r in sorted(by.items()):
