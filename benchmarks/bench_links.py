@@ -8,8 +8,10 @@ two directions on one connection run at about half rate per direction):
   send      rank 0 -> rank 1 only: one stream, one direction of one link (peer/baseline)
   shift     every rank sends N bytes to next, receives from previous (a KV ring step)
   exchange  every rank sends N bytes to next AND N to previous at once (a TokenRing step)
-  alltoall  A2A_CALLS all_to_all_single calls back to back, N / A2A_CALLS bytes per
-            rank each, split in p chunks (a Ulysses step: q, k, v one call each)
+  alltoall  all_to_all_single, N bytes per rank split in p chunks (one call: the
+            all-gather strategy's dK/dV)
+  alltoall_calls  A2A_CALLS such calls back to back, N / A2A_CALLS bytes each
+            (a Ulysses step: q, k, v one call each)
   allgather all_gather of N bytes from every rank (the KV all-gather strategy's step)
   shift_1g  the shift with both directions on ONE group (what the up/down split avoids)
 
@@ -27,7 +29,8 @@ bandwidth, at bandwidth * duplex per direction while both directions carry data)
   latency_s     = t_shift(64 B)                        per message
   duplex        = t_send / t_shift                     rate while sending and receiving at
                                                        once, as a fraction of one-way
-  alltoall_Bps  = N (p-1)/p / (t_alltoall - 3 latency) bytes leaving a rank per second
+  alltoall_Bps  = N (p-1)/p / (t_alltoall - latency)   bytes leaving a rank per second
+  alltoall_calls_Bps = the same of alltoall_calls, a latency per call
   allgather_Bps = N (p-1) / (t_allgather - latency)    bytes reaching a rank per second
   rate_while_computing = t_shifts alone /              the link's rate while every rank computes
                    t_shifts beside compute             on the machine's cores, as a fraction of
@@ -69,12 +72,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISY = 5  # the shift, the collectives and the interference pattern take NOISY x --repeats samples
-# The all-to-all sample is this many calls back to back, as Ulysses runs its q, k, v: on the shaped
-# switch at P=4 three calls of N/3 ran 3-14% away from one call of N (slower at 50-200 Mbit/s, where
-# TCP stalls on the crowded ports land in sequences of calls; faster at 1 Gbit/s), and Ulysses'
-# steps followed the three calls
+# alltoall_calls makes this many calls back to back, as Ulysses runs its q, k, v: on the shaped
+# testbed at P=4 three calls of N/3 ran 3-14% away from one call of N (slower at 50-200 Mbit/s on
+# the switch, where TCP stalls on the crowded ports land in sequences of calls; faster at 1 Gbit/s
+# and on the mesh); Ulysses' steps followed the three calls, the all-gather strategy's one call of
+# its dK/dV the one call
 A2A_CALLS = 3
-NOISY_PATTERNS = ("shift", "alltoall", "allgather")
+NOISY_PATTERNS = ("shift", "alltoall", "alltoall_calls", "allgather")
 
 
 def parse_args(argv=None):
@@ -154,6 +158,8 @@ def _measure(args):
                     reqs.append(dist.irecv(recv[0], prv, group=pair(prv, rank), tag=1))
                     reqs.append(dist.irecv(recv[1], nxt, group=pair(nxt, rank), tag=2))
                 elif name == "alltoall":
+                    dist.all_to_all_single(a2a_out, a2a_in, group=g["a2a"])
+                elif name == "alltoall_calls":
                     for _ in range(A2A_CALLS):
                         dist.all_to_all_single(a2a_out, a2a_in, group=g["a2a"])
                 elif name == "allgather":
@@ -162,10 +168,10 @@ def _measure(args):
                     r.wait()
             return run
 
-        for name in ("shift", "send", "exchange", "alltoall", "allgather", "shift_1g"):
+        for name in ("shift", "send", "exchange", "alltoall", "alltoall_calls", "allgather", "shift_1g"):
             for label, numel in (("small", 16), ("large", n_elems)):
-                calls = A2A_CALLS if name == "alltoall" else 1
-                if name == "alltoall":
+                calls = A2A_CALLS if name == "alltoall_calls" else 1
+                if name.startswith("alltoall"):
                     numel = max(p, numel // calls // p * p)
                 times = []
                 if member:
@@ -344,6 +350,7 @@ def profiles_from_records(records, label, source, per_peer=False):
 
         n = by[(p, "shift", "large")]["bytes"]
         n_a2a = by[(p, "alltoall", "large")]["bytes"]
+        calls = by.get((p, "alltoall_calls", "large"))
         n_ag = by[(p, "allgather", "large")]["bytes"]
         send_bps = rate("send", n)
         interference = by.get((p, "interference", "large"), {})
@@ -354,6 +361,7 @@ def profiles_from_records(records, label, source, per_peer=False):
             "latency_s": lat,
             "duplex": min(1.0, rate("shift", n) / send_bps),
             "alltoall_Bps": rate("alltoall", n_a2a * (p - 1) / p),
+            "alltoall_calls_Bps": calls and rate("alltoall_calls", calls["bytes"] * (p - 1) / p),
             "allgather_Bps": rate("allgather", n_ag * (p - 1)),
             # how the link and compute on the same cores slow each other (1 and 0 when not measured)
             "rate_while_computing": interference.get("rate_while_computing", 1.0),
@@ -372,6 +380,10 @@ def profiles_from_records(records, label, source, per_peer=False):
 
 def _kb(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / 1024:.0f}"
+
+
+def _mbs(rate) -> str:
+    return "-" if rate is None else f"{rate / 1e6:.1f}"
 
 
 def _write(args, world, records):
@@ -393,15 +405,16 @@ def _write(args, world, records):
     by = {(r["group_size"], r["pattern"], r["size"]): r for r in records}
     lines = [f"# Link probe: {label} ({when})", "", f"Machine: {machine}. Setting: {setting}. "
              f"N = {args.bytes} bytes, median (min-max) of {args.repeats} runs; of {NOISY * args.repeats} for "
-             f"{', '.join(NOISY_PATTERNS)} and interference; alltoall: {A2A_CALLS} calls of N / {A2A_CALLS} "
-             "back to back.", "",
+             f"{', '.join(NOISY_PATTERNS)} and interference; alltoall_calls: {A2A_CALLS} calls of "
+             f"N / {A2A_CALLS} back to back.", "",
              "| p | pattern | median ms | min-max ms | MB/s per rank per direction | / link setting |",
              "|---|---|---|---|---|---|"]
     for (p, pattern, size), r in sorted(by.items()):
         if size != "large" or pattern in ("interference", "send_lead"):
             continue
         lat = by[(p, "shift", "small")]["median_s"]
-        nbytes = {"alltoall": r["bytes"] * (p - 1) / p, "allgather": r["bytes"] * (p - 1)}.get(pattern, r["bytes"])
+        nbytes = {"alltoall": r["bytes"] * (p - 1) / p, "alltoall_calls": r["bytes"] * (p - 1) / p,
+                  "allgather": r["bytes"] * (p - 1)}.get(pattern, r["bytes"])
         lats = lat * r.get("calls", 1)
         t = r["median_s"] - lats if r["median_s"] > 2 * lats else r["median_s"]
         mbs = nbytes / t / 1e6
@@ -414,7 +427,7 @@ def _write(args, world, records):
               "rate while computing: shifts alone / shifts while every rank computes; compute lost: the fraction of "
               "compute progress lost meanwhile (the interference pattern), the mean over ranks and (after the "
               "slash) that of the most-slowed rank of each repeat.", "",
-              "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s | allgather MB/s | rate while computing "
+              "| profile | bandwidth MB/s | latency us | duplex | alltoall MB/s (one call / calls) | allgather MB/s | rate while computing "
               "| compute lost | shift_1g / shift | exchange measured / model | send buffer KB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for prof in profiles:
@@ -427,7 +440,8 @@ def _write(args, world, records):
         model = 2 * prof["latency_s"] + per_link / (prof["bandwidth_Bps"] * prof["duplex"])
         exch = by[(p, "exchange", "large")]["median_s"] / model
         lines.append(f"| {prof['name']} | {prof['bandwidth_Bps'] / 1e6:.1f} | {prof['latency_s'] * 1e6:.0f} | "
-                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['allgather_Bps'] / 1e6:.1f} | "
+                     f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} / {_mbs(prof.get('alltoall_calls_Bps'))} | "
+                     f"{prof['allgather_Bps'] / 1e6:.1f} | "
                      f"{prof['rate_while_computing']:.2f} | {prof['compute_lost_while_moving']:.2f} / "
                      f"{prof['compute_lost_slowest']:.2f} | "
                      f"{one_group:.2f} | {exch:.2f} | {_kb(prof.get('send_buffer_bytes'))} |")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, LinkProfile, Workload, bytes_per_rank, choose_strategy,
-                      load_link_profiles, predict, where_each_wins)
+                      load_link_profiles, predict, schedule, where_each_wins)
 
 H100 = COMPUTE_PROFILES["h100-bf16"]
 
@@ -136,6 +136,24 @@ def test_allgather_rides_the_ring_rate_and_dkv_the_alltoall_rate():
     assert pa.fwd_s - compute_fwd == pytest.approx(3 * kv / 1e8, rel=1e-6)
     w2 = Workload(1, 1024, 8, 8, 64, 2, True, "zigzag", 4)
     assert predict("allgather", w2, slow_a2a, cpu).fwd_s > predict("allgather", w2, fast, cpu).fwd_s
+
+
+def test_ulysses_calls_back_to_back_ride_the_calls_rate():
+    """Ulysses sends q, k, v in three all-to-all calls back to back and its output (forward) or dout
+    (backward) in one; a profile that measured calls back to back charges those at that rate, the
+    single call (and the all-gather strategy's one dK/dV call) at the one-call rate."""
+    w = Workload(1, 1024, 8, 8, 64, 4, True, "zigzag", 4)
+    assert [s.calls for s in schedule("ulysses", w, False) if not s.overlapped] == [3, 1]
+    assert [s.calls for s in schedule("ulysses", w, True) if not s.overlapped] == [1, 3]
+    cpu = COMPUTE_PROFILES["cpu-1-thread"]
+    one = LinkProfile("one", 1e8, 0.0, 1.0, 1e7)
+    both = LinkProfile("both", 1e8, 0.0, 1.0, 1e7, alltoall_calls_Bps=5e6)
+    row = 1024 * 8 * 64 * 4 * 3 / 4                 # one tensor's bytes leaving a rank
+    pa, pb = predict("ulysses", w, one, cpu), predict("ulysses", w, both, cpu)
+    # forward: q, k, v (3 rows) now at half the rate, the output (1 row) as before; backward mirrors it
+    assert pb.fwd_s - pa.fwd_s == pytest.approx(3 * row / 5e6 - 3 * row / 1e7, rel=1e-6)
+    assert pb.bwd_s - pa.bwd_s == pytest.approx(3 * row / 5e6 - 3 * row / 1e7, rel=1e-6)
+    assert predict("allgather", w, both, cpu).total_s == pytest.approx(predict("allgather", w, one, cpu).total_s)
 
 
 def test_auto_considers_ulysses_where_heads_divide():

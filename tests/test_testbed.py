@@ -161,8 +161,8 @@ def test_two_hosts_shaped_link_and_torchrun(tmp_path):
         assert 0 < prof.latency_s < 0.01, prof
         doc = json.loads(links.read_text())
         patterns = {r["pattern"] for r in doc["measurements"]}
-        assert patterns == {"send", "shift", "exchange", "alltoall", "allgather", "shift_1g", "interference",
-                            "send_lead"}
+        assert patterns == {"send", "shift", "exchange", "alltoall", "alltoall_calls", "allgather", "shift_1g",
+                            "interference", "send_lead"}
         # a send completes while the testbed's socket buffers (capped at 40 ms of the rate: 1 MB) still
         # hold part of it: more than nothing, less than the message
         buffered = doc["profiles"][0]["send_buffer_bytes"]
@@ -205,13 +205,16 @@ def test_link_probe_on_loopback(tmp_path):
     # read back as the model uses them
     assert 0 < prof.rate_while_computing == doc["profiles"][0]["rate_while_computing"] <= 1
     assert 0 <= prof.compute_lost_while_moving == doc["profiles"][0]["compute_lost_while_moving"] < 1
-    assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "allgather",
-                                                           "shift_1g", "interference", "send_lead"}
+    assert {r["pattern"] for r in doc["measurements"]} == {"send", "shift", "exchange", "alltoall", "alltoall_calls",
+                                                           "allgather", "shift_1g", "interference", "send_lead"}
     lead = next(r for r in doc["measurements"] if r["pattern"] == "send_lead")
     assert lead["median_s"] > 0  # the answer came back after the send completed
-    # the all-to-all sample: A2A_CALLS calls of a third of --bytes, counted as the bytes of all of them
-    a2a = next(r for r in doc["measurements"] if r["pattern"] == "alltoall" and r["size"] == "large")
-    assert a2a["calls"] == bench_links.A2A_CALLS and a2a["bytes"] == (1 << 16) // 4 // 3 // 2 * 2 * 4 * 3
+    # the all-to-all as one call of --bytes and as A2A_CALLS calls of a third, counted as all of their bytes
+    a2a = {r["pattern"]: r for r in doc["measurements"] if r["pattern"].startswith("alltoall") and r["size"] == "large"}
+    assert a2a["alltoall"]["calls"] == 1 and a2a["alltoall"]["bytes"] == 1 << 16
+    assert a2a["alltoall_calls"]["calls"] == bench_links.A2A_CALLS
+    assert a2a["alltoall_calls"]["bytes"] == (1 << 16) // 4 // 3 // 2 * 2 * 4 * 3
+    assert prof.alltoall_calls_Bps == doc["profiles"][0]["alltoall_calls_Bps"] > 0
     assert doc["profiles"][0]["send_buffer_bytes"] is not None
     assert out.with_suffix(".md").exists()
 
@@ -242,8 +245,10 @@ def test_probe_profiles_from_measurements():
     (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
     assert prof["rate_while_computing"] == 0.6 and prof["compute_lost_while_moving"] == 0.25
     # an all-to-all sample of several calls back to back pays a latency per call
-    three = [r for r in records if r["pattern"] != "alltoall"] + [{**rec("alltoall", 3 * lat + n / 2 / 50e6), "calls": 3}]
-    assert bench_links.profiles_from_records(three, "made-up", "test")[0]["alltoall_Bps"] == pytest.approx(50e6)
+    assert prof["alltoall_calls_Bps"] is None  # not measured: the model uses alltoall_Bps
+    three = records + [{**rec("alltoall_calls", 3 * lat + n / 2 / 25e6), "calls": 3}]
+    (with_calls,) = bench_links.profiles_from_records(three, "made-up", "test")
+    assert with_calls["alltoall_calls_Bps"] == pytest.approx(25e6) and with_calls["alltoall_Bps"] == pytest.approx(50e6)
     assert prof["compute_lost_slowest"] == 0.25  # an older probe's record: the mean stands in
     (uneven,) = bench_links.profiles_from_records(records + [{**interference, "compute_lost_slowest": 0.4}],
                                                   "made-up", "test")

@@ -47,7 +47,9 @@ class LinkProfile:
 
     bandwidth_Bps: one-way bytes/s per rank; latency_s: per message; duplex: per-direction rate when
     both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
-    alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex);
+    alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex); alltoall_calls_Bps:
+    the same for calls made back to back (Ulysses' q, k, v; None: alltoall_Bps): over TCP they ran
+    3-14% away from one call on the testbed (benchmarks/bench_links.py measures both);
     rate_while_computing: the link's rate while the ranks compute on the cores its transfers also
     need (ranks sharing a host), as a fraction of its idle rate (1 for DMA/RDMA links);
     compute_lost_while_moving: the fraction of compute progress lost while the link carries data
@@ -75,6 +77,7 @@ class LinkProfile:
     compute_lost_while_moving: float = 0.0
     send_buffer_bytes: float = 0.0
     compute_lost_slowest: float | None = None
+    alltoall_calls_Bps: float | None = None
 
     def __post_init__(self):
         if self.bandwidth_Bps <= 0 or self.latency_s < 0 or not 0 < self.duplex <= 1:
@@ -103,8 +106,11 @@ class LinkProfile:
         return (messages * self.latency_s + both / (self.bandwidth_Bps * self.duplex)
                 + (max(sent, recv) - both) / self.bandwidth_Bps)
 
-    def alltoall_s(self, sent: float, messages: int) -> float:
+    def alltoall_s(self, sent: float, messages: int, calls: int = 1) -> float:
+        """An all-to-all step in which a rank sends `sent` bytes in `calls` calls made back to back."""
         rate = self.alltoall_Bps or self.bandwidth_Bps * self.duplex
+        if calls > 1 and self.alltoall_calls_Bps:
+            rate = self.alltoall_calls_Bps
         return messages * self.latency_s + sent / rate
 
     def allgather_s(self, recv: float, messages: int, world: int) -> float:
@@ -188,13 +194,13 @@ def link_profile(entry: dict) -> LinkProfile:
         rate_while_computing=number("rate_while_computing", 1.0),
         compute_lost_while_moving=number("compute_lost_while_moving", 0.0),
         send_buffer_bytes=number("send_buffer_bytes") or 0.0,
-        compute_lost_slowest=number("compute_lost_slowest"))
+        compute_lost_slowest=number("compute_lost_slowest"), alltoall_calls_Bps=number("alltoall_calls_Bps"))
 
 
 def load_link_profiles(path) -> dict[str, LinkProfile]:
     """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps", "allgather_Bps",
     "per_peer", "rate_while_computing", "compute_lost_while_moving", "compute_lost_slowest",
-    "send_buffer_bytes"}, ...]} (all but the first three
+    "send_buffer_bytes", "alltoall_calls_Bps"}, ...]} (all but the first three
     optional)."""
     with open(path) as f:
         data = json.load(f)
@@ -270,6 +276,7 @@ class Step:
     pairs: dict = field(default_factory=dict)
     overlapped: bool = True  # False: a collective that neither overlaps nor is overlapped
     collective: str = "all_to_all"  # when not overlapped: "all_to_all", or "all_gather" (a ring, as gloo runs it)
+    calls: int = 1  # collective calls made back to back in this step (Ulysses: one per tensor)
 
 
 def _new_step(p: int) -> Step:
@@ -377,6 +384,7 @@ def _ulysses(w: Workload, backward: bool) -> list[Step]:
     for nbytes, flops, n_calls in ((first, 0.0, calls[0]), (0, total_flops, 0), (last, 0.0, calls[1])):
         s = _new_step(p)
         s.overlapped = nbytes == 0
+        s.calls = n_calls or 1
         for r in range(p):
             s.flops[r] = flops
             s.sent[r] = s.recv[r] = int(nbytes) if p > 1 else 0

@@ -136,7 +136,7 @@ def replay(steps: list, link, compute, backward: bool) -> float:
                 if s.collective == "all_gather":
                     coll = max(link.allgather_s(s.recv[q], s.messages[q], p) for q in range(p))
                 else:
-                    coll = max(link.alltoall_s(s.sent[q], s.messages[q]) for q in range(p))
+                    coll = max(link.alltoall_s(s.sent[q], s.messages[q], s.calls) for q in range(p))
                 assert not any(s.flops), "a collective step computes nothing; its compute is its own step"
                 end = max(here.values()) + coll
                 for q in range(p):
