@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--probe-bytes", type=int, default=4 << 20)
     p.add_argument("--probe-repeats", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=600, help="bound per torchrun job, s")
+    p.add_argument("--timeout", type=float, default=900, help="bound per torchrun job, s (the 50 Mbit/s probe takes ~9 min)")
     p.add_argument("--prefix", default="dtb-sweep-")
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results", "bench_testbed_sweep.json"))
     p.add_argument("--repredict", action="store_true",
