@@ -29,7 +29,7 @@ TokenRing on the 200 Mbit/s mesh by 10-13% when this rule was made and left the 
 they were. With a core per rank (p <= cores) the network's work does not spread evenly: in each
 step one rank's core does more of it, and ranks that wait on each other wait for that one, so
 while all p compute beside moving bytes they run at 1 - compute_lost_slowest (the probe's
-most-slowed rank; bench_links.md at 1 Gbit/s, P=2: 0.34 against the mean 0.25); with more ranks
+most-slowed rank; bench_links.md at 1 Gbit/s, P=2: 0.28 against the mean 0.20); with more ranks
 than cores the scheduler moves them between cores and the mean holds.
 
 With a device per rank (cores = None; GPU links have f = 1 and g = 0) a rank's compute runs at
