@@ -335,6 +335,14 @@ def _machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def _rate(rec: dict, latency: float, p: int) -> float:
+    """A large record's bytes/s per rank net of a latency per call: the bytes leaving a rank for an
+    all-to-all, reaching it for an all-gather, sent otherwise."""
+    share = {"alltoall": (p - 1) / p, "alltoall_calls": (p - 1) / p, "allgather": p - 1}.get(rec["pattern"], 1)
+    t, latencies = rec["median_s"], latency * rec.get("calls", 1)  # older records: one call
+    return rec["bytes"] * share / (t - latencies if t > 2 * latencies else t)
+
+
 def profiles_from_records(records, label, source, per_peer=False):
     """Reduce the measurements to one dist.sim link profile per group size. per_peer: the links are a
     mesh (a link per pair of hosts), which dist.sim charges per peer."""
@@ -343,26 +351,20 @@ def profiles_from_records(records, label, source, per_peer=False):
     for p in sorted({r["group_size"] for r in records}):
         lat = by[(p, "shift", "small")]["median_s"]
 
-        def rate(pattern, nbytes_sent):
-            rec = by[(p, pattern, "large")]
-            t, latencies = rec["median_s"], lat * rec.get("calls", 1)  # older records: one call
-            return nbytes_sent / (t - latencies if t > 2 * latencies else t)
+        def rate(pattern):
+            return _rate(by[(p, pattern, "large")], lat, p)
 
-        n = by[(p, "shift", "large")]["bytes"]
-        n_a2a = by[(p, "alltoall", "large")]["bytes"]
-        calls = by.get((p, "alltoall_calls", "large"))
-        n_ag = by[(p, "allgather", "large")]["bytes"]
-        send_bps = rate("send", n)
+        n, send_bps = by[(p, "send", "large")]["bytes"], rate("send")
         interference = by.get((p, "interference", "large"), {})
         lead = by.get((p, "send_lead", "large"), {}).get("median_s")
         out.append({
             "name": f"{label}-p{p}",
             "bandwidth_Bps": send_bps,
             "latency_s": lat,
-            "duplex": min(1.0, rate("shift", n) / send_bps),
-            "alltoall_Bps": rate("alltoall", n_a2a * (p - 1) / p),
-            "alltoall_calls_Bps": calls and rate("alltoall_calls", calls["bytes"] * (p - 1) / p),
-            "allgather_Bps": rate("allgather", n_ag * (p - 1)),
+            "duplex": min(1.0, rate("shift") / send_bps),
+            "alltoall_Bps": rate("alltoall"),
+            "alltoall_calls_Bps": rate("alltoall_calls") if (p, "alltoall_calls", "large") in by else None,
+            "allgather_Bps": rate("allgather"),
             # how the link and compute on the same cores slow each other (1 and 0 when not measured)
             "rate_while_computing": interference.get("rate_while_computing", 1.0),
             "compute_lost_while_moving": interference.get("compute_lost_while_moving", 0.0),
@@ -412,12 +414,7 @@ def _write(args, world, records):
     for (p, pattern, size), r in sorted(by.items()):
         if size != "large" or pattern in ("interference", "send_lead"):
             continue
-        lat = by[(p, "shift", "small")]["median_s"]
-        nbytes = {"alltoall": r["bytes"] * (p - 1) / p, "alltoall_calls": r["bytes"] * (p - 1) / p,
-                  "allgather": r["bytes"] * (p - 1)}.get(pattern, r["bytes"])
-        lats = lat * r.get("calls", 1)
-        t = r["median_s"] - lats if r["median_s"] > 2 * lats else r["median_s"]
-        mbs = nbytes / t / 1e6
+        mbs = _rate(r, by[(p, "shift", "small")]["median_s"], p) / 1e6
         ratio = f"{mbs * 8e6 / link_bps:.2f}" if link_bps else "-"
         lines.append(f"| {p} | {pattern} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}-"
                      f"{r['max_s'] * 1e3:.2f} | {mbs:.1f} | {ratio} |")

@@ -212,8 +212,9 @@ def test_link_probe_on_loopback(tmp_path):
     # the all-to-all as one call of --bytes and as A2A_CALLS calls of a third, counted as all of their bytes
     a2a = {r["pattern"]: r for r in doc["measurements"] if r["pattern"].startswith("alltoall") and r["size"] == "large"}
     assert a2a["alltoall"]["calls"] == 1 and a2a["alltoall"]["bytes"] == 1 << 16
-    assert a2a["alltoall_calls"]["calls"] == bench_links.A2A_CALLS
-    assert a2a["alltoall_calls"]["bytes"] == (1 << 16) // 4 // 3 // 2 * 2 * 4 * 3
+    assert a2a["alltoall_calls"]["calls"] == bench_links.A2A_CALLS > 1
+    # together the calls carry --bytes, short of it by at most the rounding to whole floats per rank
+    assert (1 << 16) - 4 * 2 * bench_links.A2A_CALLS < a2a["alltoall_calls"]["bytes"] <= 1 << 16
     assert prof.alltoall_calls_Bps == doc["profiles"][0]["alltoall_calls_Bps"] > 0
     assert doc["profiles"][0]["send_buffer_bytes"] is not None
     assert out.with_suffix(".md").exists()
@@ -244,8 +245,8 @@ def test_probe_profiles_from_measurements():
                     "rate_while_computing": 0.6, "compute_lost_while_moving": 0.25}
     (prof,) = bench_links.profiles_from_records(records + [interference], "made-up", "test", per_peer=True)
     assert prof["rate_while_computing"] == 0.6 and prof["compute_lost_while_moving"] == 0.25
-    # an all-to-all sample of several calls back to back pays a latency per call
     assert prof["alltoall_calls_Bps"] is None  # not measured: the model uses alltoall_Bps
+    # an all-to-all sample of several calls back to back pays a latency per call
     three = records + [{**rec("alltoall_calls", 3 * lat + n / 2 / 25e6), "calls": 3}]
     (with_calls,) = bench_links.profiles_from_records(three, "made-up", "test")
     assert with_calls["alltoall_calls_Bps"] == pytest.approx(25e6) and with_calls["alltoall_Bps"] == pytest.approx(50e6)
