@@ -57,6 +57,27 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def restart_count() -> int:
+    """Which generation of workers this is under `torchrun --max-restarts` (0 for the first)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store for this generation of workers.
+
+    torchrun's agent store keeps the previous generation's keys, so after a
+    restart `init_process_group` on the default env:// store reads stale
+    addresses and gloo fails with "connectFullMesh ... Connection refused"
+    (pytorch issue #167288, NCCL too). A prefix per restart generation keeps
+    each generation's keys apart. Under the elastic agent the agent hosts the
+    TCPStore (every worker is a client); elsewhere rank 0 hosts it.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                         is_master=(not agent and rank == 0), timeout=timeout)
+    return dist.PrefixStore(f"dist-attempt{restart_count()}", base)
+
+
 class Runtime:
     """This rank's view: rank, device, mesh and its process groups."""
 
@@ -81,8 +102,8 @@ class Runtime:
         self._owns_default_group = False
         if not dist.is_initialized():
             if "MASTER_ADDR" in os.environ:
-                dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
-                                        timeout=self.timeout,
+                dist.init_process_group(backend, store=restart_safe_store(self.rank, self.world_size, self.timeout),
+                                        rank=self.rank, world_size=self.world_size, timeout=self.timeout,
                                         device_id=self.device if backend == "nccl" else None)
             else:  # plain `python -m dist.launch`: one rank, same code path
                 if self.world_size != 1:
