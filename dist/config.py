@@ -17,6 +17,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
+from dist.plan import LAYOUTS, STRATEGY_CHOICES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -63,6 +65,7 @@ class SPConfig:
     degree: int = 1               # ranks per sequence-parallel group; must divide the world size
     strategy: str = "tokenring"   # "tokenring" | "ring" | "allgather" | "auto" | "ulysses"
     layout: str = "zigzag"        # "zigzag" | "contiguous"
+    check_inputs: str = "once"    # cross-rank input checks of attention calls: "once" per call signature | "always"
 
 
 @dataclass
@@ -109,8 +112,9 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.kind": ("synthetic", "jsonl"),
     "train.engine": ("torch", "deepspeed"),
-    "sp.strategy": ("tokenring", "ring", "allgather", "auto", "ulysses"),
-    "sp.layout": ("zigzag", "contiguous"),
+    "sp.strategy": STRATEGY_CHOICES,
+    "sp.layout": LAYOUTS,
+    "sp.check_inputs": ("once", "always"),
     "log.level": ("debug", "info", "warning"),
     "runtime.backend": ("auto", "gloo", "nccl"),
     "serve.mode": ("disaggregated", "colocated"),

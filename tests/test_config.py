@@ -91,13 +91,3 @@ def test_cli_errors_are_one_line():
     assert r.returncode == 0 and "steps = 4" in r.stdout
     assert run_cli("train", "--help").returncode == 0
     assert run_cli("serve", "--help").returncode == 0
-
-
-def test_config_choices_are_the_implementations_names():
-    """sp.strategy / sp.layout accept exactly what dist.seqpar runs (one list of names, checked here)."""
-    from dist.config import CHOICES
-    from dist.ringattn import LAYOUTS
-    from dist.seqpar import SP_STRATEGIES
-
-    assert set(CHOICES["sp.strategy"]) == set(SP_STRATEGIES)
-    assert set(CHOICES["sp.layout"]) == set(LAYOUTS)

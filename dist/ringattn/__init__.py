@@ -7,9 +7,13 @@
                                strategy="tokenring", layout="zigzag")
     out = unshard(out_local, 1, group, "zigzag")              # == attention(q, k, v)
 
-Strategies (see strategies.py): "tokenring" (Q and partial outputs travel in opposite directions,
-KV stays), "ring" (KV ring), "allgather" (all-gather KV, reduce-scatter dK/dV), "auto" (picks one
-from the byte/time model in dist.sim, logged at debug level).
+Strategies (names and plan in dist.plan, implementations in strategies.py): "tokenring" (Q and
+partial outputs travel in opposite directions, KV stays), "ring" (KV ring), "allgather" (all-gather
+KV, reduce-scatter dK/dV), "auto" (the one dist.sim.choose_strategy predicts fastest).
+
+Inputs are checked on every rank and against every other rank the first time a call signature
+(shapes, dtypes, device, causal, strategy, layout, group) is seen; later calls with that signature
+add no collective and no host sync (`set_input_checks("always")` checks every call, for debugging).
 """
 
 from __future__ import annotations
@@ -20,17 +24,16 @@ import math
 import torch
 
 from dist import comm
+from dist.plan import LAYOUTS, RING_CHOICES, block, diag_parts, diag_tail
 
-from .layout import (LAYOUTS, block, diag_parts, diag_tail, shard, shard_positions, unshard, unshard_list,
-                     zigzag_positions)
+from .layout import shard, shard_positions, unshard, unshard_list, zigzag_positions
 from .strategies import STRATEGIES, RingSpec
 
-__all__ = ["ring_attention", "shard", "unshard", "unshard_list", "zigzag_positions", "shard_positions",
-           "block", "diag_parts", "diag_tail", "LAYOUTS", "STRATEGY_NAMES"]
+__all__ = ["ring_attention", "check_inputs", "set_input_checks", "shard", "unshard", "unshard_list",
+           "zigzag_positions", "shard_positions", "block", "diag_parts", "diag_tail", "LAYOUTS"]
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = ("tokenring", "ring", "allgather", "auto")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Problems one rank can find on its own, by code; they are exchanged so every rank raises the same error.
@@ -42,14 +45,25 @@ _LOCAL_PROBLEMS = {
     5: "q, k and v must have one floating dtype",
     6: "layout='zigzag' needs an even local sequence length (two chunks per rank); pad the global "
        "sequence to a multiple of 2 * world size",
-    7: f"strategy must be one of {STRATEGY_NAMES}",
+    7: f"strategy must be one of {RING_CHOICES}",
     8: f"layout must be one of {LAYOUTS}",
     9: "local sequence length must be > 0",
 }
 
+_CHECKED: set = set()  # call signatures whose inputs every rank of the group has agreed on
+_CHECK_ALWAYS = False
+
+
+def set_input_checks(mode: str) -> None:
+    """"once" (default): check inputs across ranks once per call signature; "always": on every call."""
+    global _CHECK_ALWAYS
+    if mode not in ("once", "always"):
+        raise ValueError(f"input checks must be 'once' or 'always', got {mode!r}")
+    _CHECK_ALWAYS = mode == "always"
+
 
 def _local_problem(q, k, v, strategy, layout, world) -> int:
-    if strategy is not None and strategy not in STRATEGY_NAMES:
+    if strategy is not None and strategy not in RING_CHOICES:
         return 7
     if layout not in LAYOUTS:
         return 8
@@ -74,12 +88,27 @@ def _shape_of(t) -> list[int]:
     return list(t.shape) if isinstance(t, torch.Tensor) and t.dim() == 4 else [-1] * 4
 
 
-def _validate(q, k, v, causal, strategy, layout, group, world, rank, what="ring_attention"):
-    """Check inputs on this rank and against every other rank; the same ValueError on all ranks.
-    strategy None: nothing to check there (dist.seqpar's Ulysses); `what` names the caller in messages."""
+def _signature(q, k, v, causal, strategy, layout, group) -> tuple:
+    shapes = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in (q, k, v))
+    return (shapes, bool(causal), strategy, layout, group)
+
+
+def check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what="ring_attention") -> None:
+    """Check inputs on this rank and against every other rank of `group`; the same ValueError on all
+    ranks. Once per call signature (see the module doc): a signature every rank agreed on before
+    returns at once. strategy None: nothing to check there (dist.seqpar's Ulysses); `what` names the
+    caller in messages."""
+    key = (what, world, _signature(q, k, v, causal, strategy, layout, group))
+    if key in _CHECKED and not _CHECK_ALWAYS:
+        return
+    _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what)
+    _CHECKED.add(key)
+
+
+def _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what) -> None:
     code = _local_problem(q, k, v, strategy, layout, world)
     dtype_code = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
-    strategy_code = STRATEGY_NAMES.index(strategy) if strategy in STRATEGY_NAMES else -1
+    strategy_code = RING_CHOICES.index(strategy) if strategy in RING_CHOICES else -1
     layout_code = LAYOUTS.index(layout) if layout in LAYOUTS else -1
     row = [code, *_shape_of(q), *_shape_of(k), dtype_code, int(bool(causal)), strategy_code, layout_code]
     if world == 1:
@@ -123,14 +152,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         if group is not None:
             raise ValueError("group: torch.distributed is not initialised")
         world, rank = 1, 0
-    _validate(q, k, v, causal, strategy, layout, group, world, rank)
+    check_inputs(q, k, v, causal, strategy, layout, group, world, rank)
     if strategy == "auto":
         from dist.sim import choose_strategy
 
         strategy = choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout,
                                    itemsize=q.element_size(), device_type=q.device.type)
-        log.debug("ring_attention: strategy='auto' picked %r (world %d, q %s, k %s, causal=%s, layout=%s)",
-                  strategy, world, tuple(q.shape), tuple(k.shape), causal, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if world == 1:  # plain attention; same code path, no messages
         group = None

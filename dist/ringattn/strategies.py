@@ -30,7 +30,7 @@ import torch
 from dist import comm
 from dist.kernels import attention_backward, attention_delta, attention_forward, merge_attention
 
-from .layout import block, diag_parts, q_needed
+from dist.plan import block, diag_parts, q_needed, relay_start
 
 
 class RingSpec:
@@ -53,16 +53,7 @@ class RingSpec:
         return block(a, b, self.n, self.layout, self.causal)
 
     def relay_start(self, a: int, holder: int) -> int:
-        """First row of Q_a that `holder` forwards towards prev: what its remaining visitors need.
-
-        Q_a visits holder-1, holder-2, ... until it would reach a again.
-        """
-        start = self.n
-        d = (holder - 1) % self.world
-        while d != a:
-            start = min(start, q_needed(a, d, self.n, self.layout, self.causal))
-            d = (d - 1) % self.world
-        return start
+        return relay_start(a, holder, self.world, self.n, self.layout, self.causal)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

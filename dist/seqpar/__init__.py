@@ -5,6 +5,8 @@
 """
 
 from .ulysses import ulysses_attention
-from .wrap import HF_ATTENTION_NAME, SP_STRATEGIES, ring_attn_fn, sp_attention, wrap_model
+from dist.plan import SP_STRATEGIES
+
+from .wrap import HF_ATTENTION_NAME, ring_attn_fn, sp_attention, wrap_model
 
 __all__ = ["wrap_model", "ring_attn_fn", "sp_attention", "ulysses_attention", "SP_STRATEGIES", "HF_ATTENTION_NAME"]

@@ -9,9 +9,10 @@ attention over the whole sequence, differentiable in q, k and v (the backward ru
 all-to-alls in reverse). heads_q must be divisible by the group size P. K/V
 heads are repeated up to lcm(heads_kv, P) when P does not divide them (GQA stays exact, at more bytes).
 
-Bytes per rank and step: forward (P-1)/P of q, k, v out and of out back; backward the same for
-dO out and dq, dk, dv back (dist.sim's "ulysses" schedule). Two all-to-alls per direction, no
-overlap with compute: Ulysses wins where heads divide P and links are fast for all-to-all.
+q, k and v travel together: one all-to-all of the three packed per destination, and one back for
+out; the backward runs the same two in reverse (one for dO, one for dq, dk, dv packed). Bytes per
+rank: (P-1)/P of q, k, v out and of out back, the same for the gradients (dist.sim's "ulysses"
+schedule). No overlap with compute: Ulysses wins where heads divide P and all-to-all is fast.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ def _row_orders(local_len: int, world: int, layout: str, device):
     return positions, torch.argsort(positions)
 
 
-def _to_heads(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
-    """[b, n, h, d] sequence shard -> [b, P*n, h/P, d] whole sequence (in order) for this rank's heads."""
-    b, n, h, d = x.shape
-    parts = x.reshape(b, n, world, h // world, d).permute(2, 0, 1, 3, 4)       # [P, b, n, h/P, d]
-    got = _AllToAll.apply(parts.contiguous(), group)                           # slot j: rank j's rows
-    full = got.permute(1, 0, 2, 3, 4).reshape(b, world * n, h // world, d)     # rank-major rows
-    return full if orders is None else _Permute.apply(full, orders[1], orders[0])
+def _to_heads(xs: list[torch.Tensor], group, world: int, orders) -> list[torch.Tensor]:
+    """[b, n, h_i, d] sequence shards -> [b, P*n, h_i/P, d] whole sequences (in order) for this rank's
+    heads, in one all-to-all: each destination's head slices of every tensor are packed together."""
+    b, n, _, d = xs[0].shape
+    widths = [x.shape[2] // world for x in xs]
+    parts = torch.cat([x.reshape(b, n, world, w, d) for x, w in zip(xs, widths)], dim=3)  # [b, n, P, sum h/P, d]
+    got = _AllToAll.apply(parts.permute(2, 0, 1, 3, 4).contiguous(), group)   # [P, b, n, sum h/P, d], slot j: rank j's rows
+    full = got.permute(1, 0, 2, 3, 4).reshape(b, world * n, sum(widths), d)   # rank-major rows
+    if orders is not None:
+        full = _Permute.apply(full, orders[1], orders[0])
+    return list(full.split(widths, dim=2))
 
 
 def _to_sequence(x: torch.Tensor, group, world: int, orders) -> torch.Tensor:
@@ -99,7 +104,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     on every rank."""
     import torch.distributed as dist
 
-    from dist.ringattn import _validate
+    from dist.ringattn import check_inputs
 
     if dist.is_initialized():
         rank, world = comm.group_rank(group), comm.group_size(group)
@@ -107,7 +112,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         if group is not None:
             raise ValueError("group: torch.distributed is not initialised")
         rank, world = 0, 1
-    _validate(q, k, v, causal, None, layout, group, world, rank, what="ulysses_attention")
+    check_inputs(q, k, v, causal, None, layout, group, world, rank, what="ulysses_attention")
     if world == 1:
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     heads_q, heads_kv = q.shape[2], k.shape[2]
@@ -118,6 +123,6 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if kv_heads != heads_kv:
         k, v = (x.repeat_interleave(kv_heads // heads_kv, dim=2) for x in (k, v))
     orders = _row_orders(q.shape[1], world, layout, q.device)  # device: hashable torch.device
-    qh, kh, vh = (_to_heads(x, group, world, orders) for x in (q, k, v))
+    qh, kh, vh = _to_heads([q, k, v], group, world, orders)
     out = attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale)
     return _to_sequence(out, group, world, orders)

@@ -21,19 +21,19 @@ import logging
 
 import torch
 
-from dist.ringattn import LAYOUTS, STRATEGY_NAMES, ring_attention
+from dist.plan import LAYOUTS, SP_STRATEGIES, STRATEGY_CHOICES
+from dist.ringattn import ring_attention
 
 from .ulysses import ulysses_attention
 
 log = logging.getLogger(__name__)
 
 HF_ATTENTION_NAME = "dist_ring"
-SP_STRATEGIES = (*STRATEGY_NAMES, "ulysses")
 
 
 def _check(strategy: str, layout: str) -> None:
-    if strategy not in SP_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SP_STRATEGIES}, got {strategy!r}")
+    if strategy not in STRATEGY_CHOICES:
+        raise ValueError(f"strategy must be one of {STRATEGY_CHOICES}, got {strategy!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
@@ -41,7 +41,7 @@ def _check(strategy: str, layout: str) -> None:
 def sp_attention(q, k, v, *, causal=True, softmax_scale=None, group=None, strategy="tokenring", layout="zigzag"):
     """Sequence-parallel attention of this rank's shard: ring_attention, or ulysses_attention for
     strategy "ulysses" (same arguments and layouts). "auto" picks from the dist.sim model among the
-    ring strategies and, when the group size divides both head counts, Ulysses."""
+    strategies (dist.sim.choose_strategy, the one "auto" policy)."""
     if strategy == "auto":
         strategy = _auto(q, k, causal, group, layout)
     if strategy == "ulysses":
@@ -51,23 +51,19 @@ def sp_attention(q, k, v, *, causal=True, softmax_scale=None, group=None, strate
 
 
 def _auto(q, k, causal, group, layout) -> str:
-    """The strategy the dist.sim model prefers: Ulysses is a candidate when the group size divides
-    both head counts; otherwise "auto" (ring_attention chooses among the ring strategies and checks
-    the inputs). Every rank gets the same answer (ring_attention/ulysses_attention check that the
-    shapes agree across ranks)."""
+    """The strategy the dist.sim model prefers among all of SP_STRATEGIES (dist.sim.choose_strategy
+    leaves Ulysses out where the group size does not divide the heads). Malformed inputs: "auto",
+    so ring_attention's checks name the problem on every rank."""
     import torch.distributed as dist
 
     from dist import comm
-    from dist.sim import RING_STRATEGIES, choose_strategy
+    from dist.sim import choose_strategy
 
     world = comm.group_size(group) if dist.is_initialized() else 1
-    if world == 1 or q.dim() != 4 or k.dim() != 4 or q.shape[2] % world or k.shape[2] % world:
+    if world == 1 or q.dim() != 4 or k.dim() != 4:
         return "auto"
-    pick = choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout, itemsize=q.element_size(),
-                           device_type=q.device.type, candidates=(*RING_STRATEGIES, "ulysses"))
-    log.debug("sp_attention: strategy='auto' picked %r (world %d, q %s, k %s)", pick, world,
-              tuple(q.shape), tuple(k.shape))
-    return pick
+    return choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout, itemsize=q.element_size(),
+                           device_type=q.device.type, candidates=SP_STRATEGIES)
 
 
 def ring_attn_fn(group=None, strategy: str = "tokenring", layout: str = "zigzag"):

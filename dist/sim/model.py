@@ -32,12 +32,11 @@ import functools
 import json
 from dataclasses import dataclass, field, replace
 
-from dist.ringattn.layout import block, diag_parts, diag_tail
+from dist.plan import RING_STRATEGIES, SP_STRATEGIES, block, diag_parts, diag_tail, q_needed, relay_start
 
 from .timeline import replay
 
-STRATEGIES = ("tokenring", "ring", "allgather", "ulysses")
-RING_STRATEGIES = ("tokenring", "ring", "allgather")
+STRATEGIES = SP_STRATEGIES
 LSE_BYTES = 4  # lse is float32
 
 
@@ -291,20 +290,6 @@ def _send(step: Step, src: int, dst: int, nbytes: int) -> None:
         step.messages[src] += 1
 
 
-def _relay_start(w: Workload, a: int, holder: int) -> int:
-    start, d = w.local_seq, (holder - 1) % w.world
-    while d != a:
-        blk = block(a, d, w.local_seq, w.layout, w.causal)
-        start = min(start, w.local_seq if blk is None else blk.q_start)
-        d = (d - 1) % w.world
-    return start
-
-
-def _rows_needed(w: Workload, a: int, b: int) -> int:
-    blk = block(a, b, w.local_seq, w.layout, w.causal)
-    return 0 if blk is None else w.local_seq - blk.q_start
-
-
 def _tokenring(w: Workload, backward: bool) -> list[Step]:
     """Steps 0..p: the diagonal's first part, p-1 remote blocks, the last returns with the diagonal's rest."""
     p, n = w.world, w.local_seq
@@ -324,9 +309,9 @@ def _tokenring(w: Workload, backward: bool) -> list[Step]:
             else:
                 s.flops[r] = factor * w.diag_part_flops(*parts[1]) if len(parts) > 1 else 0.0
             if t < p - 1:
-                _send(s, r, (r - 1) % p, (n - _relay_start(w, a, r)) * travel)
+                _send(s, r, (r - 1) % p, (n - relay_start(a, r, p, n, w.layout, w.causal)) * travel)
             if t >= 2:  # results of step t-1 go back to their owner
-                _send(s, r, (r + t - 1) % p, _rows_needed(w, (r + t - 1) % p, r) * back)
+                _send(s, r, (r + t - 1) % p, (n - q_needed((r + t - 1) % p, r, n, w.layout, w.causal)) * back)
         steps.append(s)
     return steps
 
@@ -459,14 +444,18 @@ def default_link(device_type: str = "cpu") -> LinkProfile:
 def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout: str = "zigzag",
                     itemsize: int = 4, device_type: str = "cpu", link: LinkProfile | None = None,
                     compute: ComputeProfile | None = None, candidates=RING_STRATEGIES) -> str:
-    """The strategy among `candidates` with the lowest modelled time (ties: fewest bytes, then the
-    first candidate; tokenring leads the default ring strategies).
+    """The "auto" policy, for ring_attention and wrap_model alike: the strategy among `candidates` with
+    the lowest modelled time (ties: fewest bytes, then the first candidate; tokenring leads the
+    default ring strategies). Ulysses is a candidate only where the group size divides both head
+    counts. The same answer on every rank (a pure function of the call's shapes).
 
     q_shape: [batch, local_seq, heads_q, dim]; k_shape: [batch, local_seq, heads_kv, dim].
     link: default_link(device_type); compute: h100-bf16 for CUDA, cpu-1-thread otherwise.
     """
     if world == 1:
         return "tokenring"
+    if q_shape[2] % world or k_shape[2] % world:
+        candidates = tuple(c for c in candidates if c != "ulysses")
     link = link or default_link(device_type)
     compute = compute or COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
     w = Workload(q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], world, causal, layout, itemsize,
