@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dist import comm
+
 log = logging.getLogger("dist")
 
 
@@ -114,8 +116,8 @@ class Runtime:
         # Build every group once, in the same order on every rank.
         self.dp_index, self.sp_index = self.mesh.coords(self.rank)
         self.sp_group = self.dp_group = None
-        for d in range(self.mesh.dp):
-            g = dist.new_group(self.mesh.sp_ranks(d), timeout=self.timeout)
+        for d in range(self.mesh.dp):  # with a twin each: ring exchanges use both directions of a link
+            g, _ = comm.new_group_pair(self.mesh.sp_ranks(d), timeout=self.timeout)
             if d == self.dp_index:
                 self.sp_group = g
         for s in range(self.mesh.sp):

@@ -68,9 +68,10 @@ class SequenceRunner:
         self.model, self.rt, self.sp = model, rt, rt.mesh.sp
         self.layout = cfg.sp.layout
         if self.sp > 1:
-            from dist.ringattn import shard
+            from dist.ringattn import set_input_checks, shard
             from dist.seqpar import wrap_model
 
+            set_input_checks(cfg.sp.check_inputs)
             self.shard = shard
             self.model = wrap_model(model, group=rt.sp_group, strategy=cfg.sp.strategy, layout=self.layout)
 

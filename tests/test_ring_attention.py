@@ -178,22 +178,67 @@ def test_bad_input_raises_on_every_rank():
         assert tuple(msgs["after"]) == (1, 4, 2, 8)
 
 
-def test_single_process_without_distributed(caplog):
-    """No process group at all: ring_attention is plain attention (world size 1); auto logs its pick."""
-    import logging
-
+def test_single_process_without_distributed():
+    """No process group at all: ring_attention is plain attention (world size 1), "auto" too."""
     from dist.ringattn import ring_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 6, 2, 4, generator=g, requires_grad=True) for _ in range(3))
-    out = ring_attention(q, k, v, causal=True)
     ref = reference_attention(q, k, v, True)
-    assert (out.double() - ref).abs().max() < TOL
+    for strategy in ("tokenring", "auto"):
+        out = ring_attention(q, k, v, causal=True, strategy=strategy)
+        assert (out.double() - ref).abs().max() < TOL
     with pytest.raises(ValueError, match="strategy"):
         ring_attention(q, k, v, strategy="nope")
-    with caplog.at_level(logging.DEBUG, logger="dist.ringattn"):
-        ring_attention(q, k, v, strategy="auto")
-    assert any("picked 'tokenring'" in r.getMessage() for r in caplog.records)
+
+
+def _profiled_calls(rank, world, strategies, calls):
+    """Counts of collectives/point-to-point ops (c10d::*) and host syncs (aten::_local_scalar_dense, what
+    .item() and .tolist() run) over the first call of each strategy and over `calls` repeats after it."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist.seqpar import sp_attention
+
+    def count(prof):
+        return dict(Counter(e.name for e in prof.events()
+                            if e.name.startswith("c10d::") or e.name == "aten::_local_scalar_dense"))
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 4, 8, generator=g, requires_grad=True) for _ in range(3))
+    for strategy in strategies:
+        def call():
+            sp_attention(q, k, v, causal=True, strategy=strategy).sum().backward()
+
+        with profile(activities=[ProfilerActivity.CPU]) as first:
+            call()
+        with profile(activities=[ProfilerActivity.CPU]) as steady:
+            for _ in range(calls):
+                call()
+        out[strategy] = (count(first), count(steady))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_steady_state_calls_add_no_collective_and_no_host_sync():
+    """A call whose signature was seen before runs only the strategy's own messages: no input-check
+    all-gather, no .item()/.tolist(). The first call shows the check (one all-gather) the others skip."""
+    calls = 3
+    for per_rank in run_ranks(_profiled_calls, 2, ("tokenring", "ring", "allgather", "ulysses"), calls,
+                              timeout_s=90):
+        for strategy, (first, steady) in per_rank.items():
+            assert first.get("c10d::allgather_", 0) == 1 + (strategy == "allgather"), (strategy, first)
+            assert "aten::_local_scalar_dense" not in steady, (strategy, steady)
+            own = {"tokenring": {}, "ring": {},
+                   "allgather": {"c10d::allgather_": calls, "c10d::alltoall_base_": calls},
+                   "ulysses": {"c10d::alltoall_base_": 4 * calls}}[strategy]  # ulysses: q/k/v and out, and back
+            collectives = {name: n for name, n in steady.items() if name not in ("c10d::send", "c10d::recv_")
+                           and name != "aten::_local_scalar_dense"}
+            assert collectives == own, (strategy, steady)
+            p2p = steady.get("c10d::send", 0) + steady.get("c10d::recv_", 0)
+            assert (p2p > 0) == (strategy in ("tokenring", "ring")), (strategy, steady)
 
 
 def _subgroups(rank, world):
