@@ -124,9 +124,27 @@ def test_deepspeed_with_sequence_parallelism(torch_run, tmp_path):
     out = _run(2, ["train.engine=deepspeed", "sp.degree=2", f"train.steps={STEPS}", f"log.dir={tmp_path}/log"])
     torch.testing.assert_close(torch.tensor([r["loss"] for r in out[0][0]]),
                                torch.tensor([r["loss"] for r in ref[0][0]]), rtol=0, atol=1e-5)
+    init = _initial_params()
     for k, v in ref[0][1].items():
-        torch.testing.assert_close(out[0][1][k], v, rtol=1e-4, atol=1e-4)
+        assert_same_training(out[0][1][k], v, init[k])
         assert torch.equal(out[0][1][k], out[1][1][k])
+
+
+def _initial_params():
+    from dist.models import build_model
+
+    return {k: v.detach().clone() for k, v in build_model("tiny", seed=0).state_dict().items()}
+
+
+def assert_same_training(got, ref, init, lr=3e-3):
+    """Two runs whose gradients differ only by fp32 summation order (a ring's block sums against one
+    rank's) took the same steps. Adam divides by sqrt(v): where a gradient element is near zero its
+    sign, and so that element's update (up to ~lr per step), can flip on rounding alone, so a few
+    elements may differ by O(lr) while the update as a whole agrees to fp32 noise. Checked: every
+    element within 2 x lr x steps, and the difference under 1e-3 of the update's norm."""
+    assert (got - ref).abs().max() <= 2 * lr * STEPS
+    update = (ref - init).norm()
+    assert (got - ref).norm() <= 1e-3 * update + 1e-6, ((got - ref).norm(), update)
 
 
 @needs_deepspeed
