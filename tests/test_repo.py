@@ -37,3 +37,11 @@ def test_launch_configs_load(path, tmp_path):
     data.write_text(json.dumps({"text": "hello"}) + "\n")
     cfg = load_config(path, [f"data.path={data}"] if "jsonl" in path else [])
     assert cfg.train.steps > 0
+
+
+def test_readme_is_a_users_guide_of_at_most_250_lines():
+    lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    assert len(lines) <= 250, len(lines)
+    for link in re.findall(r"\]\(([^)#]+)\)", "\n".join(lines)):  # every local link resolves
+        if not link.startswith("http"):
+            assert os.path.exists(os.path.join(ROOT, link)), link
