@@ -208,6 +208,8 @@ def _math_bwd(dout, q, k, v, out, lse, scale, causal):
 
 
 def _block_fwd(q, k, v, scale, causal, use_flash):
+    # ATen's CPU flash kernel, called by its op name: no public torch API returns attention's
+    # log-sum-exp on CPU, and ring attention must merge partial results by it (see NOTES.md)
     if use_flash:
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
