@@ -26,10 +26,10 @@ import torch
 from dist import comm
 from dist.plan import LAYOUTS, RING_CHOICES, block, diag_parts, diag_tail
 
-from .layout import shard, shard_positions, unshard, unshard_list, zigzag_positions
+from .layout import seq_lengths, shard, shard_positions, unshard, unshard_list, zigzag_positions
 from .strategies import STRATEGIES, RingSpec
 
-__all__ = ["ring_attention", "check_inputs", "set_input_checks", "shard", "unshard", "unshard_list",
+__all__ = ["ring_attention", "check_inputs", "set_input_checks", "shard", "unshard", "unshard_list", "seq_lengths",
            "zigzag_positions", "shard_positions", "block", "diag_parts", "diag_tail", "LAYOUTS"]
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,10 @@ _LOCAL_PROBLEMS = {
     7: f"strategy must be one of {RING_CHOICES}",
     8: f"layout must be one of {LAYOUTS}",
     9: "local sequence length must be > 0",
+    10: "cu_seqlens (packed sequences) needs batch 1 and lengths that sum to world x the local length",
 }
 
-_CHECKED: set = set()  # call signatures whose inputs every rank of the group has agreed on
+_CHECKED: dict = {}  # call signatures whose inputs every rank of the group has agreed on (insertion-ordered)
 _CHECK_ALWAYS = False
 
 
@@ -62,7 +63,7 @@ def set_input_checks(mode: str) -> None:
     _CHECK_ALWAYS = mode == "always"
 
 
-def _local_problem(q, k, v, strategy, layout, world) -> int:
+def _local_problem(q, k, v, strategy, layout, world, lengths=None) -> int:
     if strategy is not None and strategy not in RING_CHOICES:
         return 7
     if layout not in LAYOUTS:
@@ -81,6 +82,8 @@ def _local_problem(q, k, v, strategy, layout, world) -> int:
         return 9
     if layout == "zigzag" and world > 1 and q.shape[1] % 2:
         return 6
+    if lengths is not None and (q.shape[0] != 1 or sum(lengths) != world * q.shape[1]):
+        return 10
     return 0
 
 
@@ -88,29 +91,33 @@ def _shape_of(t) -> list[int]:
     return list(t.shape) if isinstance(t, torch.Tensor) and t.dim() == 4 else [-1] * 4
 
 
-def _signature(q, k, v, causal, strategy, layout, group) -> tuple:
+def _signature(q, k, v, causal, strategy, layout, group, lengths) -> tuple:
     shapes = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in (q, k, v))
-    return (shapes, bool(causal), strategy, layout, group)
+    return (shapes, bool(causal), strategy, layout, group, lengths)
 
 
-def check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what="ring_attention") -> None:
+def check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what="ring_attention",
+                 lengths: tuple | None = None) -> None:
     """Check inputs on this rank and against every other rank of `group`; the same ValueError on all
     ranks. Once per call signature (see the module doc): a signature every rank agreed on before
     returns at once. strategy None: nothing to check there (dist.seqpar's Ulysses); `what` names the
-    caller in messages."""
-    key = (what, world, _signature(q, k, v, causal, strategy, layout, group))
+    caller in messages; `lengths`: the packed sequences' lengths (cu_seqlens), the same on every rank."""
+    key = (what, world, _signature(q, k, v, causal, strategy, layout, group, lengths))
     if key in _CHECKED and not _CHECK_ALWAYS:
         return
-    _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what)
-    _CHECKED.add(key)
+    _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what, lengths)
+    if len(_CHECKED) >= 4096:  # packed batches bring new signatures every step: keep the newest
+        del _CHECKED[next(iter(_CHECKED))]
+    _CHECKED[key] = True
 
 
-def _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what) -> None:
-    code = _local_problem(q, k, v, strategy, layout, world)
+def _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what, lengths) -> None:
+    code = _local_problem(q, k, v, strategy, layout, world, lengths)
     dtype_code = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
     strategy_code = RING_CHOICES.index(strategy) if strategy in RING_CHOICES else -1
     layout_code = LAYOUTS.index(layout) if layout in LAYOUTS else -1
-    row = [code, *_shape_of(q), *_shape_of(k), dtype_code, int(bool(causal)), strategy_code, layout_code]
+    packed = -1 if lengths is None else hash(tuple(lengths)) & (2**62 - 1)  # ints hash alike in every process
+    row = [code, *_shape_of(q), *_shape_of(k), dtype_code, int(bool(causal)), strategy_code, layout_code, packed]
     if world == 1:
         rows = [row]
     else:
@@ -123,8 +130,8 @@ def _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what) -
             extra = f", got {strategy!r}" if other[0] == 7 and r == rank else ""
             extra += f", got {layout!r}" if other[0] == 8 and r == rank else ""
             raise ValueError(f"{what}: on rank {r} of the group: {_LOCAL_PROBLEMS[other[0]]}{detail}{extra}")
-    names = ["q shape", "k/v shape", "dtype", "causal", "strategy", "layout"]
-    spans = [(1, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
+    names = ["q shape", "k/v shape", "dtype", "causal", "strategy", "layout", "cu_seqlens"]
+    spans = [(1, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 13), (13, 14)]
     for name, (lo, hi) in zip(names, spans):
         values = [tuple(r[lo:hi]) for r in rows]
         if len(set(values)) > 1:
@@ -134,7 +141,7 @@ def _check_inputs(q, k, v, causal, strategy, layout, group, world, rank, what) -
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, group=None,
                    strategy: str = "tokenring", layout: str = "zigzag",
-                   softmax_scale: float | None = None) -> torch.Tensor:
+                   softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over a sequence sharded across `group` (every rank of the group calls it).
 
     q: [batch, local_seq, heads_q, dim]; k, v: [batch, local_seq, heads_kv, dim] (heads_q a
@@ -142,6 +149,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     [batch, local_seq, heads_q, dim], this rank's shard of attention(q, k, v) over the full
     sequence; differentiable in q, k and v. Inputs that differ across ranks or cannot be split as
     the layout needs raise the same ValueError on every rank.
+
+    cu_seqlens: packed sequences (int32 [n + 1], cumulative lengths in the full packed tensor, the same
+    on every rank; batch 1), each sharded in the layout on its own (`shard(..., cu_seqlens=cu)`):
+    attention never crosses sequences. Each sequence runs the strategy's schedule in turn.
     """
     import torch.distributed as dist
 
@@ -152,17 +163,28 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         if group is not None:
             raise ValueError("group: torch.distributed is not initialised")
         world, rank = 1, 0
-    check_inputs(q, k, v, causal, strategy, layout, group, world, rank)
+    lengths = None if cu_seqlens is None else tuple(seq_lengths(cu_seqlens, world, layout))
+    check_inputs(q, k, v, causal, strategy, layout, group, world, rank, lengths=lengths)
     if strategy == "auto":
         from dist.sim import choose_strategy
 
         strategy = choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout,
                                    itemsize=q.element_size(), device_type=q.device.type)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if lengths is None:
+        return _run(strategy, q, k, v, group, world, layout, causal, scale)
+    local = [n // world for n in lengths]
+    return torch.cat([_run(strategy, *parts, group, world, layout, causal, scale)
+                      for parts in zip(q.split(local, 1), k.split(local, 1), v.split(local, 1))], dim=1)
+
+
+def _run(strategy, q, k, v, group, world, layout, causal, scale):
+    """One (dense) sequence's schedule: q, k, v [batch, local_seq, heads, dim] of this rank."""
     if world == 1:  # plain attention; same code path, no messages
-        group = None
-    spec = RingSpec(group if world > 1 else None, layout, causal, scale, q.shape[1]) if world > 1 else \
-        _LocalSpec(layout, causal, scale, q.shape[1])
+        spec = _LocalSpec(layout, causal, scale, q.shape[1])
+    else:
+        spec = RingSpec(group, layout, causal, scale, q.shape[1])
     spec.diag_tail = diag_tail(q.device.type)
     return STRATEGIES[strategy].apply(q.contiguous(), k.contiguous(), v.contiguous(), spec)
 

@@ -18,13 +18,14 @@ schedule). No overlap with compute: Ulysses wins where heads divide P and all-to
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
 
 from dist import comm
 from dist.kernels import attention
-from dist.ringattn import shard_positions
+from dist.ringattn import seq_lengths, shard_positions
 
 
 class _AllToAll(torch.autograd.Function):
@@ -56,14 +57,16 @@ class _Permute(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=64)  # the same for every layer of a step: built once per shape
-def _row_orders(local_len: int, world: int, layout: str, device):
-    """(positions, order) for rows gathered in rank order (each rank's shard in `layout`): row j sits
-    at sequence position positions[j], and rows[:, order] is the sequence in order (so
-    ordered[:, positions] gives the rows back). None when they already are in order (contiguous)."""
-    if layout == "contiguous":
+def _row_orders(local_len: int, world: int, layout: str, device, lengths: tuple | None = None):
+    """(positions, order) for rows gathered in rank order (each rank's shard in `layout`; packed
+    sequences of `lengths` each sharded on their own): row j sits at sequence position positions[j],
+    and rows[:, order] is the sequence in order (so ordered[:, positions] gives the rows back). None
+    when they already are in order (one contiguous sequence)."""
+    if layout == "contiguous" and lengths is None:
         return None
     seq = local_len * world
-    positions = torch.cat([shard_positions(seq, r, world, layout) for r in range(world)]).to(device)
+    cu = None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    positions = torch.cat([shard_positions(seq, r, world, layout, cu_seqlens=cu) for r in range(world)]).to(device)
     return positions, torch.argsort(positions)
 
 
@@ -98,10 +101,12 @@ def _kv_heads_for(heads_q: int, heads_kv: int, world: int) -> int:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, group=None,
-                      layout: str = "zigzag", softmax_scale: float | None = None) -> torch.Tensor:
+                      layout: str = "zigzag", softmax_scale: float | None = None,
+                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over a sequence sharded across `group` by head-scattering all-to-alls (see module doc).
     Inputs that differ across ranks, or heads_q not divisible by the group size: the same ValueError
-    on every rank."""
+    on every rank. cu_seqlens: packed sequences, as ring_attention takes them (attention never
+    crosses sequences)."""
     import torch.distributed as dist
 
     from dist.ringattn import check_inputs
@@ -112,9 +117,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         if group is not None:
             raise ValueError("group: torch.distributed is not initialised")
         rank, world = 0, 1
-    check_inputs(q, k, v, causal, None, layout, group, world, rank, what="ulysses_attention")
+    lengths = None if cu_seqlens is None else tuple(seq_lengths(cu_seqlens, world, layout))
+    check_inputs(q, k, v, causal, None, layout, group, world, rank, what="ulysses_attention", lengths=lengths)
+    varlen = {} if cu_seqlens is None else dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens)
     if world == 1:
-        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **varlen)
     heads_q, heads_kv = q.shape[2], k.shape[2]
     if heads_q % world:  # shapes are equal on every rank now, so every rank raises this
         raise ValueError(f"ulysses_attention: heads_q ({heads_q}) must be divisible by the group size ({world}); "
@@ -122,7 +129,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     kv_heads = _kv_heads_for(heads_q, heads_kv, world)
     if kv_heads != heads_kv:
         k, v = (x.repeat_interleave(kv_heads // heads_kv, dim=2) for x in (k, v))
-    orders = _row_orders(q.shape[1], world, layout, q.device)  # device: hashable torch.device
+    orders = _row_orders(q.shape[1], world, layout, q.device, lengths)  # device: hashable torch.device
     qh, kh, vh = _to_heads([q, k, v], group, world, orders)
-    out = attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale)
+    out = attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale, **varlen)
     return _to_sequence(out, group, world, orders)

@@ -38,16 +38,18 @@ def _check(strategy: str, layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def sp_attention(q, k, v, *, causal=True, softmax_scale=None, group=None, strategy="tokenring", layout="zigzag"):
+def sp_attention(q, k, v, *, causal=True, softmax_scale=None, group=None, strategy="tokenring", layout="zigzag",
+                 cu_seqlens=None):
     """Sequence-parallel attention of this rank's shard: ring_attention, or ulysses_attention for
     strategy "ulysses" (same arguments and layouts). "auto" picks from the dist.sim model among the
     strategies (dist.sim.choose_strategy, the one "auto" policy)."""
     if strategy == "auto":
         strategy = _auto(q, k, causal, group, layout)
     if strategy == "ulysses":
-        return ulysses_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, layout=layout)
+        return ulysses_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
+                                 cu_seqlens=cu_seqlens)
     return ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                          strategy=strategy, layout=layout)
+                          strategy=strategy, layout=layout, cu_seqlens=cu_seqlens)
 
 
 def _auto(q, k, causal, group, layout) -> str:
