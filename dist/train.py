@@ -58,6 +58,7 @@ def build_model(cfg: Config, device):
         model = load_hf(cfg.model.path, dtype=dtype, device=device)
     else:
         model = build(cfg.model.preset, seed=cfg.train.seed).to(device=device, dtype=dtype)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     return model
 
 
