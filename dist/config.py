@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm; 0 disables clipping
     seed: int = 0
     deterministic: bool = False   # bit-identical runs (deterministic algorithms, fixed reduction order)
-    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (DeepSpeed ZeRO, dist[deepspeed])
+    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (DeepSpeed ZeRO, dist[deepspeed]) | "fsdp" (FSDP2)
     zero_stage: int = 2           # ZeRO stage with engine = "deepspeed": 1 (optimizer state) | 2 (+ gradients)
     # memory (docs/memory.md): what backward recomputes, "none" | "full" (whole layers) | "selective" (MLPs)
     activation_checkpointing: str = "none"
@@ -113,7 +113,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.kind": ("synthetic", "jsonl"),
-    "train.engine": ("torch", "deepspeed"),
+    "train.engine": ("torch", "deepspeed", "fsdp"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "sp.strategy": ("tokenring", "ring", "allgather", "auto", "ulysses"),
     "sp.layout": ("zigzag", "contiguous"),
