@@ -394,15 +394,23 @@ def report(cfg, world_size: int) -> tuple[str, bool]:
     return est.table(() if est.fits else tuple(what_fits(cfg, world_size, device))), est.fits
 
 
-def check_fits(cfg, world_size: int) -> None:
-    """On CUDA: ValueError (with the estimate's table and what to change) when the estimate exceeds the
-    device, unless runtime.ignore_memory_estimate is set. Elsewhere nothing (CPU memory is the host's)."""
-    if not torch.cuda.is_available() or cfg.runtime.ignore_memory_estimate or cfg.runtime.backend == "gloo":
+def check_fits(cfg, world_size: int, device_type: str, rank: int = 0) -> None:
+    """Refuse before running out of memory: on a CUDA device, a ValueError naming what to change when the
+    estimate exceeds the device (rank 0 logs the table first), unless runtime.ignore_memory_estimate.
+    Nothing on CPU (host memory is not what this estimates)."""
+    if device_type != "cuda" or cfg.runtime.ignore_memory_estimate:
         return
-    text, fits = report(cfg, world_size)
-    if not fits:
-        raise ValueError(f"the memory estimate exceeds the device; stopping before running out of memory "
-                         f"(set runtime.ignore_memory_estimate = true to start anyway):\n{text}")
+    device = device_bytes_for(cfg)
+    est = estimate(cfg, world_size, device_bytes=device)
+    if est.fits:
+        return
+    hints = what_fits(cfg, world_size, device)
+    if rank == 0:
+        import logging
+
+        logging.getLogger("dist.memory").error("%s", est.table(tuple(hints)))
+    raise ValueError(f"the memory estimate ({est.peak_bytes / GiB:.2f} GB per GPU) exceeds the device "
+                     f"({device / GiB:.2f} GB): {hints[0]}; runtime.ignore_memory_estimate = true starts anyway")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -175,3 +175,16 @@ def test_cli_without_a_device_size_names_the_key(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rc, _, err = _cli(capsys, "--config", "launch/llama3-8b-128k.toml", "--estimate-memory")
     assert rc == 2 and "runtime.device_memory_gb" in err
+
+
+def test_refuses_before_oom_on_cuda_unless_told(caplog):
+    from dist.memory import check_fits
+
+    cfg = load_config("launch/llama3-8b-128k.toml", ["runtime.device_memory_gb=80", "train.engine=torch"])
+    with pytest.raises(ValueError, match=r"exceeds the device \(80\.00 GB\): fits with: --set train\.engine=fsdp"):
+        check_fits(cfg, 8, "cuda")
+    assert "peak_gb=" in caplog.text  # the table, logged by rank 0
+    check_fits(cfg, 8, "cpu")  # host memory is not what the estimate is for
+    check_fits(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, ignore_memory_estimate=True)),
+               8, "cuda")
+    check_fits(load_config("launch/llama3-8b-128k.toml", ["runtime.device_memory_gb=80"]), 8, "cuda")  # fits
