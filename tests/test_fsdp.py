@@ -47,9 +47,11 @@ def _assert_follows(out, steps):
 
 
 @pytest.mark.timeout(250)
-@pytest.mark.parametrize("world,sp", [(2, 1), (4, 2)])
-def test_fsdp_follows_torch_engine(tmp_path, world, sp):
-    out = run_ranks(_pair, world, ["train.steps=3", f"sp.degree={sp}"], str(tmp_path), timeout_s=200)
+@pytest.mark.parametrize("world,sp,mode", [(2, 1, "none"), (4, 2, "full")])
+def test_fsdp_follows_torch_engine(tmp_path, world, sp, mode):
+    """With full checkpointing too: each recomputed layer gathers its shards again in backward."""
+    out = run_ranks(_pair, world, ["train.steps=3", f"sp.degree={sp}", f"train.activation_checkpointing={mode}"],
+                    str(tmp_path), timeout_s=200)
     _assert_follows(out, 3)
 
 
