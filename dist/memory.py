@@ -32,6 +32,7 @@ GB here means GiB (2**30 bytes), as torch.cuda reports device memory. Sizes foll
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -96,13 +97,20 @@ class ActivationModel:
         b, hd, kd = self.itemsize, self.heads * self.head_dim, self.kv_heads * self.head_dim
         part = self.norm() + b * self.dim              # norm; q/k/v projections' input
         part += b * (2 * hd + 2 * kd) + FP32 * self.heads  # q, k, v, output; lse (float32)
-        if self.strategy == "ulysses":                 # o_proj's input is the all-to-all's output, not the kernel's
+        if self.ulysses():                             # o_proj's input is the all-to-all's output, not the kernel's
             part += b * hd
         return part + self.gathered_kv()
 
+    def ulysses(self) -> bool:
+        """Ulysses runs: chosen, or possible under "auto" (which may pick it; counted to stay an upper bound)."""
+        possible = self.sp > 1 and self.heads % self.sp == 0 and self.kv_heads % self.sp == 0
+        return self.strategy == "ulysses" or (self.strategy == "auto" and possible)
+
     def gathered_kv(self) -> int:
-        """"allgather" keeps every rank's K and V on its autograd context, even under checkpointing."""
-        return self.sp * 2 * self.itemsize * self.kv_heads * self.head_dim if self.strategy == "allgather" else 0
+        """"allgather" keeps every rank's K and V on its autograd context, even under checkpointing
+        ("auto" may pick it: counted to stay an upper bound)."""
+        kept = self.sp > 1 and self.strategy in ("allgather", "auto")
+        return self.sp * 2 * self.itemsize * self.kv_heads * self.head_dim if kept else 0
 
     def mlp_half(self) -> int:
         b = self.itemsize
@@ -154,7 +162,10 @@ class ActivationModel:
         acc = FP32 * (hd + 2 * kd) + FP32 * h
         if self.sp == 1:
             return acc
-        if self.strategy in ("tokenring", "auto"):   # q, dout and row stats travel, dq comes back; 2 in flight
+        if self.strategy == "auto":                  # whichever it picks (the largest: an upper bound)
+            return max(dataclasses.replace(self, strategy=s).attention_buffers()
+                       for s in ("tokenring", "ring", "allgather") + (("ulysses",) if self.ulysses() else ()))
+        if self.strategy == "tokenring":             # q, dout and row stats travel, dq comes back; 2 in flight
             return acc + 2 * (2 * b * hd + 2 * FP32 * h) + 2 * b * hd
         if self.strategy == "ring":                  # k, v travel (double-buffered); dk, dv accumulators travel
             return acc + 2 * 2 * b * kd + 2 * 2 * FP32 * kd

@@ -199,3 +199,20 @@ def test_refuses_before_oom_on_cuda_unless_told(caplog):
     check_fits(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, ignore_memory_estimate=True)),
                8, "cuda")
     check_fits(load_config("launch/llama3-8b-128k.toml", ["runtime.device_memory_gb=80"]), 8, "cuda")  # fits
+
+
+def test_estimate_reads_a_hugging_face_folder(tmp_path):
+    """model.path: the shapes come from its config.json, the same as the preset it was saved from."""
+    from dist.models import save_hf
+
+    save_hf(build_model("tiny"), tmp_path / "m")
+    by_path = estimate(load_config(None, [f"model.path={tmp_path}/m", "runtime.device_memory_gb=80"]), 1)
+    by_preset = estimate(load_config(None, ["runtime.device_memory_gb=80"]), 1)
+    assert (by_path.static, by_path.saved, by_path.peak_bytes) == (by_preset.static, by_preset.saved,
+                                                                   by_preset.peak_bytes)
+
+
+def test_auto_strategy_is_bounded_by_the_strategies_it_may_pick():
+    auto = estimate(_cfg("auto", "bfloat16", "none", 2), 2)
+    for strategy in ("tokenring", "ring", "allgather", "ulysses"):
+        assert auto.peak_bytes >= estimate(_cfg(strategy, "bfloat16", "none", 2), 2).peak_bytes * 0.999, strategy
