@@ -364,11 +364,10 @@ class FSDPEngine:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rt.rank != 0:
             return None
-        plain = build_model(self.model.config, device="meta")
-        plain.to_empty(device="cpu")
-        plain.load_state_dict(full)
+        plain = build_model(self.model.config, device="meta", dtype=next(iter(full.values())).dtype)
+        plain.load_state_dict(full, assign=True)  # no copy: rank 0's host holds the whole weights once
         plain.tie_weights()
-        return plain.to(next(iter(full.values())).dtype)
+        return plain
 
     def load_model(self, state_dict: dict) -> None:
         """Collective: shard the whole weights of `state_dict` (every rank passes the same) into the model."""
