@@ -216,3 +216,14 @@ def test_auto_strategy_is_bounded_by_the_strategies_it_may_pick():
     auto = estimate(_cfg("auto", "bfloat16", "none", 2), 2)
     for strategy in ("tokenring", "ring", "allgather", "ulysses"):
         assert auto.peak_bytes >= estimate(_cfg(strategy, "bfloat16", "none", 2), 2).peak_bytes * 0.999, strategy
+
+
+def test_cli_exit_status_through_the_process():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "dist.launch", "train", "--config", "launch/llama3-8b-128k.toml",
+                          "--estimate-memory", "--set", "runtime.device_memory_gb=40"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout.strip().splitlines()[-1].endswith("device_gb=40.00 fits=no")
