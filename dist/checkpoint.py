@@ -65,10 +65,11 @@ def save(root: str, step: int, model, engine, *, rank: int, world_size: int, ext
 
     final = step_dir(root, step)
     tmp = final + ".tmp"
+    whole = engine.export_model()  # collective when the engine shards the weights
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(model, tmp)  # creates tmp/
+        save_hf(whole, tmp)  # creates tmp/
     dist.barrier()
     engine.save_optimizer(tmp, rank)
     torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
@@ -117,7 +118,7 @@ def load(path: str, model, engine, *, rank: int, world_size: int) -> dict:
     engine.check_resume(path, state, world_size)
     loaded = load_hf(path)
     try:
-        model.load_state_dict(loaded.state_dict())
+        engine.load_model(loaded.state_dict())
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match the configured model: {str(e).splitlines()[0]}") from None
     engine.load_optimizer(path, rank, state)

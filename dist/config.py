@@ -56,8 +56,10 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm; 0 disables clipping
     seed: int = 0
     deterministic: bool = False   # bit-identical runs (deterministic algorithms, fixed reduction order)
-    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (DeepSpeed ZeRO, dist[deepspeed])
+    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (DeepSpeed ZeRO, dist[deepspeed]) | "fsdp" (FSDP2)
     zero_stage: int = 2           # ZeRO stage with engine = "deepspeed": 1 (optimizer state) | 2 (+ gradients)
+    # memory (docs/memory.md): what backward recomputes, "none" | "full" (whole layers) | "selective" (MLPs)
+    activation_checkpointing: str = "none"
 
 
 @dataclass
@@ -87,6 +89,9 @@ class RuntimeConfig:
     backend: str = "auto"         # "auto" (nccl with CUDA, else gloo) | "gloo" | "nccl"
     timeout_s: float = 300.0      # collective timeout: a dead peer gives an error, not a hang
     threads: int = 0              # torch threads per rank; 0 = cores / local ranks
+    # memory (docs/memory.md): the estimate checks against this many GB per device instead of the detected one
+    device_memory_gb: float = 0.0
+    ignore_memory_estimate: bool = False  # on CUDA, start even when the estimate exceeds the device
 
 
 @dataclass
@@ -111,7 +116,8 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.kind": ("synthetic", "jsonl"),
-    "train.engine": ("torch", "deepspeed"),
+    "train.engine": ("torch", "deepspeed", "fsdp"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "sp.strategy": STRATEGY_CHOICES,
     "sp.layout": LAYOUTS,
     "sp.check_inputs": ("once", "always"),
@@ -238,7 +244,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
     nonneg = {"train.warmup_steps": cfg.train.warmup_steps, "train.weight_decay": cfg.train.weight_decay,
               "train.grad_clip": cfg.train.grad_clip, "checkpoint.every": cfg.checkpoint.every,
-              "runtime.threads": cfg.runtime.threads}
+              "runtime.threads": cfg.runtime.threads, "runtime.device_memory_gb": cfg.runtime.device_memory_gb}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")

@@ -15,10 +15,14 @@ on vectors) and produce the same update:
 - `DeepSpeedEngine` ("deepspeed"): DeepSpeed ZeRO stage 1 (optimizer state
   partitioned over all ranks) or 2 (gradients partitioned too) around that
   AdamW; every rank saves its partition as `optimizer-rank{R}.pt`.
+- `FSDPEngine` ("fsdp"): torch FSDP2, weights, gradients and AdamW state
+  sharded over all ranks; the optimizer state saved with
+  torch.distributed.checkpoint (`optimizer/`).
 
 Checkpoint hooks (`checkpoint_meta`, `save_optimizer`, `check_resume`,
 `load_optimizer`) are called by `dist.checkpoint` inside its atomic step-N.tmp
--> step-N save; the model itself is saved the same way by both engines.
+-> step-N save; the model itself is saved the same way by every engine
+(`export_model` gives rank 0 the whole weights, `load_model` takes them).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
 def make_engine(cfg, model, rt):
     if cfg.train.engine == "deepspeed":
         return DeepSpeedEngine(cfg, model, rt)
+    if cfg.train.engine == "fsdp":
+        return FSDPEngine(cfg, model, rt)
     return TorchEngine(cfg, model, rt)
 
 
@@ -96,6 +102,13 @@ class TorchEngine:
         return float(grad_norm)
 
     # ------------------------------------------------------------ checkpoint hooks
+
+    def export_model(self):
+        """The model with whole weights, for the Hugging Face export (collective under FSDP)."""
+        return self.model
+
+    def load_model(self, state_dict: dict) -> None:
+        self.model.load_state_dict(state_dict)
 
     def checkpoint_meta(self) -> dict:
         return {"engine": self.name}
@@ -210,6 +223,12 @@ class DeepSpeedEngine:
 
     # ------------------------------------------------------------ checkpoint hooks
 
+    def export_model(self):
+        return self.model
+
+    def load_model(self, state_dict: dict) -> None:
+        self.model.load_state_dict(state_dict)
+
     def checkpoint_meta(self) -> dict:
         return {"engine": self.name, "zero_stage": self.zero_stage}
 
@@ -273,3 +292,111 @@ class DeepSpeedEngine:
                 groups._release_process_group_references(None)
             except (ImportError, AttributeError):  # pragma: no cover - other DeepSpeed versions
                 pass
+
+
+class FSDPEngine:
+    """torch FSDP2: every decoder layer and the root sharded with `fully_shard` over one mesh of all ranks.
+
+    Sequence-parallel ranks hold the same parameters as their data-parallel peers, so they shard them
+    too (as torchtitan does): each rank keeps 1/world of the weights, gradients and AdamW state, and
+    gathers a layer's weights only while it runs. With model.dtype bfloat16 (or float16) the weights,
+    gradients and AdamW state stay in that dtype, as with the torch engine, and gradients are
+    reduce-scattered in float32.
+
+    - Gradients are summed over all ranks (our loss is already sum / global target count, and
+      sequence-parallel ranks hold partial gradients): the reduce-scatter's divide factor is 1.
+    - Every forward all-gathers and every backward reduce-scatters over all ranks, so every rank runs
+      as many passes as the busiest data-parallel group (`micro_steps`, zero-weighted extra passes,
+      as the DeepSpeed engine does); each pass's reduce-scatter adds into the sharded gradients.
+    - Checkpoints: the optimizer state with torch.distributed.checkpoint (optimizer/, one shard per
+      rank, reshardable); the weights as the same Hugging Face folder as the other engines, gathered
+      to rank 0 (`export_model`) and sharded again on load (`load_model`).
+    """
+
+    name = "fsdp"
+
+    def __init__(self, cfg, model, rt):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.cfg, self.rt, self.model = cfg, rt, model
+        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+        low = getattr(torch, cfg.model.dtype)
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low != torch.float32 else None
+        kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+        for layer in model.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        for module in (*model.layers, model):  # each fully_shard'ed module has its own settings
+            module.set_gradient_divide_factor(1.0)  # a sum, not a mean
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = adamw(model, cfg)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def micro_steps(self, counts: list[int], dp_index: int) -> int:
+        """Every rank runs as many passes as the busiest data-parallel group (see the class docstring)."""
+        return max(counts)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ------------------------------------------------------------ checkpoint hooks
+
+    def export_model(self):
+        """Collective: a plain model with the whole weights on rank 0 (None elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from dist.models import build_model
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rt.rank != 0:
+            return None
+        plain = build_model(self.model.config, device="meta", dtype=next(iter(full.values())).dtype)
+        plain.load_state_dict(full, assign=True)  # no copy: rank 0's host holds the whole weights once
+        plain.tie_weights()
+        return plain
+
+    def load_model(self, state_dict: dict) -> None:
+        """Collective: shard the whole weights of `state_dict` (every rank passes the same) into the model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(full_state_dict=True))
+
+    def checkpoint_meta(self) -> dict:
+        return {"engine": self.name}
+
+    def save_optimizer(self, folder: str, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
+                 checkpoint_id=os.path.join(folder, "optimizer"))
+
+    def check_resume(self, path: str, state: dict, world_size: int) -> None:
+        _check_engine(path, state, self.name)
+        if not os.path.isfile(os.path.join(path, "optimizer", ".metadata")):
+            raise ValueError(f"checkpoint {path} is incomplete or corrupt: no optimizer/.metadata")
+
+    def load_optimizer(self, path: str, rank: int, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        sd = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.load(sd, checkpoint_id=os.path.join(path, "optimizer"))
+        set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
+
+    def close(self) -> None:
+        pass

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   torchrun --nproc-per-node 2 -m dist.launch train              # tiny default, 2 data-parallel ranks
   torchrun --nproc-per-node 4 -m dist.launch train --config launch/tiny.toml --set sp.degree=2
   python -m dist.launch train --set train.steps=5 --print-config
+  python -m dist.launch train --config launch/llama3-8b-128k.toml --estimate-memory --set runtime.device_memory_gb=80
 """
 
 
@@ -35,6 +36,11 @@ def parse_args(argv=None):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, value parsed as TOML (repeatable): --set train.lr=1e-4")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name == "train":
+            p.add_argument("--estimate-memory", action="store_true",
+                           help="print the per-GPU memory estimate and exit (0: fits, 3: does not); launches nothing")
+            p.add_argument("--world-size", type=int, metavar="N",
+                           help="ranks to estimate for (default: the torchrun world, else sp.degree)")
     return parser.parse_args(argv)
 
 
@@ -42,9 +48,22 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    estimating = args.command == "train" and args.estimate_memory
     try:
         cfg = load_config(args.config, args.overrides)
-        check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if estimating:
+            world = args.world_size or (world if "WORLD_SIZE" in os.environ else cfg.sp.degree)
+            if world < 1:
+                raise ConfigError(f"--world-size must be >= 1, got {world}")
+        check_world(cfg, world)
+        if estimating:
+            from dist.memory import report
+
+            text, fits = report(cfg, world)
+            if rank == 0:
+                print(text)
+            return 0 if fits else 3
     except ConfigError as e:
         print(f"dist: error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from dist import checkpoint
 from dist.config import Config
 from dist.data import make_dataset, split_for_dp
 from dist.engine import make_engine
+from dist.memory import check_fits
 from dist.runtime import Runtime
 
 log = logging.getLogger("dist.train")
@@ -58,6 +59,7 @@ def build_model(cfg: Config, device):
         model = load_hf(cfg.model.path, dtype=dtype, device=device)
     else:
         model = build(cfg.model.preset, seed=cfg.train.seed).to(device=device, dtype=dtype)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     return model
 
 
@@ -132,6 +134,7 @@ def open_metrics(path: str, start: int):
 def train(cfg: Config) -> dict:
     """Run training; returns a summary dict (final loss, steps, checkpoint path)."""
     with Runtime.start(cfg) as rt:
+        check_fits(cfg, rt.world_size, rt.device.type, rt.rank)  # on CUDA: refuse before running out of memory
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

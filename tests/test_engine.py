@@ -60,7 +60,7 @@ def ds_runs(tmp_path_factory):
 # ------------------------------------------------------------------ config
 
 @pytest.mark.parametrize("overrides,match", [
-    (["train.engine=megatron"], r"'train\.engine' must be one of \['torch', 'deepspeed'\]"),
+    (["train.engine=megatron"], r"'train\.engine' must be one of \['torch', 'deepspeed', 'fsdp'\]"),
     (["train.zero_stage=3"], r"'train\.zero_stage' = 3 is not supported"),
     (["train.zero_stage=0"], r"'train\.zero_stage' must be 1 or 2"),
     (["train.zero_stage=2.0"], r"'train\.zero_stage' expects int"),

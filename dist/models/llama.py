@@ -98,6 +98,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+CHECKPOINTING_MODES = ("none", "full", "selective")
+
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 
@@ -218,10 +220,17 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.recompute_mlp = False  # "selective" checkpointing: keep attention's tensors, recompute the MLP half
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.recompute_mlp and torch.is_grad_enabled():
+            return h + torch.utils.checkpoint.checkpoint(self.mlp_half, h, use_reentrant=False)
+        return h + self.mlp_half(h)
+
+    def mlp_half(self, h: torch.Tensor) -> torch.Tensor:
+        """The post-attention norm and the SwiGLU MLP (what "selective" checkpointing recomputes)."""
+        return self.mlp(self.post_attention_layernorm(h))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +253,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"
         self.init_weights(seed)
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -282,9 +291,27 @@ class Llama(nn.Module):
         for layer in self.layers:
             object.__setattr__(layer.self_attn, "attn_fn", fn)
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each layer's activations in backward instead of storing them (long sequences)."""
-        self.activation_checkpointing = bool(enabled)
+    def set_activation_checkpointing(self, mode: str | bool = "full") -> None:
+        """What backward recomputes instead of keeping from forward (long sequences run out of memory on
+        saved activations first):
+
+        - "none": keep everything (fastest).
+        - "full": keep only each layer's input; backward reruns the whole layer, attention included (with
+          sequence parallelism that repeats the ring pass of every layer).
+        - "selective": keep the attention half (its q, k, v, output, log-sum-exp), recompute the
+          post-attention norm and the MLP, whose SwiGLU intermediates ([seq, ffn_dim] x 4) are the largest
+          saved tensors of a layer; no communication is repeated.
+
+        True / False mean "full" / "none". Recomputation reruns the same kernels on the same inputs, so
+        gradients are bit-identical to "none" on deterministic kernels.
+        """
+        if isinstance(mode, bool):
+            mode = "full" if mode else "none"
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"activation checkpointing must be one of {list(CHECKPOINTING_MODES)}, got {mode!r}")
+        self.activation_checkpointing = mode
+        for layer in self.layers:
+            layer.recompute_mlp = mode == "selective"
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -302,7 +329,7 @@ class Llama(nn.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config, device=h.device), h.dtype)
         for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if self.activation_checkpointing == "full" and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin)
