@@ -160,11 +160,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Layers
 
 
-def default_attention(q, k, v, *, causal=True, softmax_scale=None):
-    """`dist.kernels.attention`, looked up at call time (so a replaced kernel module is picked up)."""
+def default_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None):
+    """`dist.kernels.attention`, looked up at call time (so a replaced kernel module is picked up);
+    cu_seqlens: packed sequences (int32 [n + 1]), attention stays within each."""
     from dist.kernels import attention
 
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens,
+                     cu_seqlens_k=cu_seqlens)
 
 
 class RMSNorm(nn.Module):
@@ -191,14 +193,15 @@ class Attention(nn.Module):
         # A plain attribute, not a submodule: swapping attention never changes parameters or state_dict.
         object.__setattr__(self, "attn_fn", default_attention)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """x [batch, seq, dim]; cos, sin [batch, seq, 1, head_dim] -> [batch, seq, dim]."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attn_fn(q, k, v, causal=True, softmax_scale=self.head_dim ** -0.5)
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        out = self.attn_fn(q, k, v, causal=True, softmax_scale=self.head_dim ** -0.5, **packed)
         return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
 
 
@@ -222,8 +225,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.recompute_mlp = False  # "selective" checkpointing: keep attention's tensors, recompute the MLP half
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens)
         if self.recompute_mlp and torch.is_grad_enabled():
             return h + torch.utils.checkpoint.checkpoint(self.mlp_half, h, use_reentrant=False)
         return h + self.mlp_half(h)
@@ -315,9 +318,11 @@ class Llama(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [batch, seq] (int); position_ids [batch, seq] or [1, seq] (default 0..seq-1)
-        -> logits [batch, seq, vocab] in the parameters' dtype."""
+        -> logits [batch, seq, vocab] in the parameters' dtype. cu_seqlens (int32 [n + 1], batch 1):
+        the input packs n sequences (position ids restart in each); attention stays within each."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -330,9 +335,9 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config, device=h.device), h.dtype)
         for layer in self.layers:
             if self.activation_checkpointing == "full" and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, cu_seqlens)
         return self.lm_head(self.norm(h))
 
     # -- accounting ----------------------------------------------------------------------------------------------
