@@ -1,0 +1,198 @@
+"""dist.seqpar.planner and its cost model: optimum against brute force, constraints, fallback, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import sys
+
+import pytest
+
+from dist.seqpar import CostModel, candidate_groups, plan_scatter
+from dist.sim import LINK_PROFILES, Workload, bytes_per_rank
+
+# One rank per "node": every group pays the slow link, so heterogeneous plans matter.
+CM = CostModel(attn_s=2e-10, linear_s=1e-6, const_s=1e-4, heads_q=8, heads_kv=8, head_dim=64, n_layers=4,
+               intra_link="nvlink-h100", inter_link="ib-200", gpus_per_node=1)
+
+
+# ---------------------------------------------------------------- cost model
+
+@pytest.mark.parametrize("strategy,degree", [("tokenring", 4), ("ring", 2), ("ulysses", 8), ("allgather", 4)])
+def test_time_is_compute_plus_dist_sim_bytes_on_the_spanned_link(strategy, degree):
+    cm = CostModel(strategy=strategy, heads_q=8, heads_kv=8, head_dim=64, n_layers=3, gpus_per_node=4)
+    seq = 6144
+    local = seq // degree
+    link = LINK_PROFILES[cm.intra_link if degree <= 4 else cm.inter_link]
+    rate = (link.alltoall_Bps or link.bandwidth_Bps) if strategy == "ulysses" else link.bandwidth_Bps
+    sent = max(bytes_per_rank(strategy, Workload(1, local, 8, 8, 64, degree, True, "zigzag", 2)))
+    expected = ((cm.attn_s * seq ** 2 + cm.linear_s * seq) / degree + cm.const_s
+                + 3 * (sent / rate + 2 * (degree - 1) * link.latency_s))
+    assert cm.time(seq, degree) == pytest.approx(expected, rel=1e-9)
+    assert cm.time(seq, 1) == pytest.approx(cm.attn_s * seq ** 2 + cm.linear_s * seq + cm.const_s, rel=1e-12)
+
+
+def test_large_groups_extrapolate_bytes_within_a_percent():
+    cm = CostModel(strategy="ring", heads_q=8, heads_kv=8, head_dim=64, n_layers=1, gpus_per_node=8,
+                   attn_s=0.0, linear_s=0.0, const_s=0.0)
+    seq, degree = 64 * 512, 64
+    link = LINK_PROFILES[cm.inter_link]
+    sent = max(bytes_per_rank("ring", Workload(1, seq // degree, 8, 8, 64, degree, True, "zigzag", 2)))
+    comm = cm.time(seq, degree) - 2 * (degree - 1) * link.latency_s
+    assert comm == pytest.approx(sent / link.bandwidth_Bps, rel=0.01)
+
+
+def test_packed_pass_and_memory_and_json(tmp_path):
+    # one pass of a group packs its sequences: the per-pass terms once, not per sequence
+    assert CM.group_time([1000, 3000], 4) == pytest.approx(CM.time(1000, 4) + CM.time(3000, 4) - CM.pass_time(4))
+    assert CM.group_time([], 4) == 0.0
+    # a group leaving its node pays the inter-node link
+    assert CostModel(gpus_per_node=2).time(8192, 4) > CostModel(gpus_per_node=8).time(8192, 4)
+    cm = CostModel(state_bytes=10e9, act_bytes_per_token=1e5)
+    assert cm.tokens_capacity(80e9) == 700_000 and cm.tokens_capacity(5e9) == 0
+    assert cm.memory_bytes(700_000) == pytest.approx(80e9)
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({**CM.to_dict(), "fit": {"max_rel_err": 0.01}}))
+    assert CostModel.load(path) == CM
+    path.write_text(json.dumps({"attn_s": 1e-9, "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        CostModel.load(path)
+    path.write_text(json.dumps({"n_layers": "many"}))
+    with pytest.raises(ValueError, match="n_layers"):
+        CostModel.load(path)
+    with pytest.raises(ValueError, match="strategy"):
+        CostModel(strategy="zigzag")
+
+
+# ---------------------------------------------------------------- plans
+
+def check_plan(plan, lens, world, cap, cm):
+    """Every constraint of the contract, and the predicted time recomputed from the groups."""
+    candidates = set(candidate_groups(world))
+    seen = []
+    total = 0.0
+    for mb in plan.microbatches:
+        ranks = [r for g in mb for r in g.ranks]
+        assert len(ranks) == len(set(ranks)), "groups of a micro-batch overlap"
+        slowest = 0.0
+        for g in mb:
+            assert g.ranks in candidates
+            assert g.seq_ids, "an empty group"
+            assert sum(lens[i] for i in g.seq_ids) <= len(g.ranks) * cap, "a rank over max_tokens_per_rank"
+            seen += g.seq_ids
+            slowest = max(slowest, sum(cm.time(lens[i], len(g.ranks)) for i in g.seq_ids)
+                          - (len(g.seq_ids) - 1) * cm.pass_time(len(g.ranks)))
+        total += slowest
+    assert sorted(seen) == list(range(len(lens))), "a sequence missing or placed twice"
+    assert plan.predicted_step_s == pytest.approx(total, rel=1e-9)
+
+
+def brute_force(lens, world, cap, cm):
+    """The best single-micro-batch plan: every partition of the sequences into groups, every size per group."""
+    sizes = [1 << i for i in range(world.bit_length())]
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for p in partitions(rest):
+            yield [[first]] + p
+            for k in range(len(p)):
+                yield p[:k] + [[first] + p[k]] + p[k + 1:]
+
+    best = math.inf
+    for part in partitions(list(range(len(lens)))):
+        for ds in itertools.product(sizes, repeat=len(part)):
+            if sum(ds) > world or any(sum(lens[i] for i in blk) > d * cap for blk, d in zip(part, ds)):
+                continue
+            best = min(best, max(cm.group_time([lens[i] for i in blk], d) for blk, d in zip(part, ds)))
+    return best
+
+
+def test_candidate_groups_nest():
+    groups = candidate_groups(16)
+    assert len(groups) == 31
+    for r in range(16):
+        assert sum(r in g for g in groups) == 5  # log2(16) + 1 process groups per rank
+    for a, b in itertools.combinations(groups, 2):
+        assert not set(a) & set(b) or set(a) <= set(b) or set(b) <= set(a)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_optimum_equals_brute_force(seed):
+    rng = random.Random(seed)
+    world, cap, best = rng.choice([4, 8]), 4096, math.inf
+    while best == math.inf:  # one long sequence, a few short ones, all in one micro-batch
+        lens = [rng.randint(cap, 2 * cap)] + [rng.randint(1000, 3500) for _ in range(rng.randint(3, 5))]
+        if sum(lens) <= world * cap * 3 // 4:
+            best = brute_force(lens, world, cap, CM)
+    plan = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=CM, time_limit_s=20)
+    check_plan(plan, lens, world, cap, CM)
+    assert plan.solver == "lp"
+    assert len(plan.microbatches) == 1
+    assert plan.predicted_step_s == pytest.approx(best, rel=1e-6)
+
+
+def test_mixed_sizes_beat_the_best_homogeneous_plan():
+    lens, world, cap = [4834, 1081, 2644, 3250], 4, 4096
+    plan = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=CM, time_limit_s=20)
+    greedy = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=CM, time_limit_s=0)
+    assert plan.predicted_step_s == pytest.approx(brute_force(lens, world, cap, CM), rel=1e-6)
+    assert plan.predicted_step_s < greedy.predicted_step_s / 1.1
+    assert sorted(len(g.ranks) for g in plan.microbatches[0]) == [1, 1, 2]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_plans_keep_every_constraint(seed):
+    rng = random.Random(100 + seed)
+    world = rng.choice([4, 8, 16, 32])
+    cap = rng.choice([2048, 8192])
+    lens = [max(1, min(int(rng.lognormvariate(6.5, 1.5)), world * cap)) for _ in range(rng.randint(5, 120))]
+    plan = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=CM, time_limit_s=0.5)
+    check_plan(plan, lens, world, cap, CM)
+    greedy = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=CM, time_limit_s=0)
+    check_plan(greedy, lens, world, cap, CM)
+    assert greedy.solver == "greedy"
+    assert plan.predicted_step_s <= greedy.predicted_step_s * (1 + 1e-12)
+
+
+def test_greedy_fallback_without_pulp(monkeypatch):
+    lens = [300, 5000, 120, 900, 2500, 60]
+    monkeypatch.setitem(sys.modules, "pulp", None)  # import pulp raises ImportError
+    plan = plan_scatter(lens, 8, max_tokens_per_rank=2048, cost_model=CM)
+    assert plan.solver == "greedy"
+    check_plan(plan, lens, 8, 2048, CM)
+    sizes = {len(g.ranks) for mb in plan.microbatches for g in mb}
+    assert len(sizes) == 1, "the greedy plan is homogeneous per micro-batch"
+
+
+def test_micro_batches_when_the_batch_does_not_fit_at_once():
+    lens = [4000] * 6 + [100] * 10
+    plan = plan_scatter(lens, 4, max_tokens_per_rank=2048, cost_model=CM, time_limit_s=1)
+    check_plan(plan, lens, 4, 2048, CM)
+    assert len(plan.microbatches) >= math.ceil(sum(lens) / (4 * 2048))
+
+
+def test_same_input_same_plan():
+    lens = [700, 3000, 150, 150, 2200, 40, 9000]
+    a = plan_scatter(lens, 8, max_tokens_per_rank=4096, cost_model=CM, time_limit_s=5)
+    b = plan_scatter(lens, 8, max_tokens_per_rank=4096, cost_model=CM, time_limit_s=5)
+    assert a.microbatches == b.microbatches and a.predicted_step_s == b.predicted_step_s
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="sequence 2 .*whole cluster"):
+        plan_scatter([10, 20, 9000], 4, max_tokens_per_rank=2048, cost_model=CM)
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        plan_scatter([10], 4, max_tokens_per_rank=0, cost_model=CM)
+    with pytest.raises(ValueError, match="world_size 6 .*power-of-two"):
+        plan_scatter([10], 6, max_tokens_per_rank=100, cost_model=CM)
+    with pytest.raises(ValueError, match="sequence 1 has length 0"):
+        plan_scatter([10, 0], 4, max_tokens_per_rank=100, cost_model=CM)
+    ulysses = CostModel(strategy="ulysses", heads_q=6, heads_kv=3)
+    with pytest.raises(ValueError, match="sequence 0 .*heads_q=6"):  # needs 2 ranks; no size > 1 divides 3
+        plan_scatter([150], 4, max_tokens_per_rank=100, cost_model=ulysses)
+    assert plan_scatter([90, 80], 4, max_tokens_per_rank=100, cost_model=ulysses).predicted_step_s > 0
