@@ -68,6 +68,10 @@ class SPConfig:
     strategy: str = "tokenring"   # "tokenring" | "ring" | "allgather" | "auto" | "ulysses"
     layout: str = "zigzag"        # "zigzag" | "contiguous"
     check_inputs: str = "once"    # cross-rank input checks of attention calls: "once" per call signature | "always"
+    adaptive: bool = False        # plan each batch over SP groups of different sizes (dist.seqpar planner)
+    max_tokens_per_rank: int = 0  # adaptive: tokens a rank holds at once (0: the memory estimate / the batch)
+    cost_model: str = ""          # adaptive: JSON from `python -m dist.seqpar.profile` ("": model flops on H100s)
+    plan_time_s: float = 1.0      # adaptive: the planner's time limit per step (0: greedy only)
 
 
 @dataclass
@@ -244,7 +248,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
     nonneg = {"train.warmup_steps": cfg.train.warmup_steps, "train.weight_decay": cfg.train.weight_decay,
               "train.grad_clip": cfg.train.grad_clip, "checkpoint.every": cfg.checkpoint.every,
-              "runtime.threads": cfg.runtime.threads, "runtime.device_memory_gb": cfg.runtime.device_memory_gb}
+              "runtime.threads": cfg.runtime.threads, "runtime.device_memory_gb": cfg.runtime.device_memory_gb,
+              "sp.max_tokens_per_rank": cfg.sp.max_tokens_per_rank, "sp.plan_time_s": cfg.sp.plan_time_s}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")
@@ -273,6 +278,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'checkpoint.resume' = \"latest\" needs 'checkpoint.dir'")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"config key 'serve.port' must be in 1..65535, got {cfg.serve.port}")
+    if cfg.sp.adaptive and (cfg.sp.degree != 1 or cfg.train.engine != "torch"):
+        raise ConfigError("config key 'sp.adaptive' = true plans its own groups and runs the torch engine: "
+                          f"set sp.degree = 1 (got {cfg.sp.degree}) and train.engine = \"torch\" "
+                          f"(got {cfg.train.engine!r})")
+    if cfg.sp.cost_model and not os.path.isfile(cfg.sp.cost_model):
+        raise ConfigError(f"config key 'sp.cost_model': file not found: {cfg.sp.cost_model}")
     heads = PRESETS[cfg.model.preset].n_heads
     if cfg.sp.strategy == "ulysses" and not cfg.model.path and heads % cfg.sp.degree:
         raise ConfigError(f"config key 'sp.strategy' = \"ulysses\" needs the model's heads ({heads}) divisible by "
@@ -281,6 +292,9 @@ def validate(cfg: Config) -> None:
 
 def check_world(cfg: Config, world_size: int) -> None:
     """Checks that need the world size; run on every rank before building process groups."""
+    if cfg.sp.adaptive and (world_size & (world_size - 1)):
+        raise ConfigError(f"config key 'sp.adaptive' needs a power-of-two world size (the planner's groups are "
+                          f"aligned powers of two), got {world_size}")
     if world_size % cfg.sp.degree:
         raise ConfigError(f"config key 'sp.degree' ({cfg.sp.degree}) must divide the world size ({world_size})")
 

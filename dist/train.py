@@ -77,6 +77,24 @@ class SequenceRunner:
             self.shard = shard
             self.model = wrap_model(model, group=rt.sp_group, strategy=cfg.sp.strategy, layout=self.layout)
 
+    def step(self, engine, batch, step: int, data) -> torch.Tensor:
+        """This rank's share of a step: the sequences dealt to its data-parallel group, one pass each
+        (plus zero-weighted passes where the engine needs every rank to run as many); float64 [3] sums
+        of (loss, recall loss, recall count) over its targets."""
+        parts = split_for_dp([len(s) for s in batch.seqs], self.rt.mesh.dp)
+        mine = parts[self.rt.dp_index]
+        n_micro = engine.micro_steps([len(p) for p in parts], self.rt.dp_index)
+        filler = min(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i]))  # zero-weighted passes
+        sums = torch.zeros(3, dtype=torch.float64)
+        for j in range(n_micro):
+            i, weight = (mine[j], 1.0) if j < len(mine) else (filler, 0.0)
+            sums += torch.tensor(self(engine, batch.seqs[i], batch.recall_masks[i], batch.num_targets,
+                                      last=j == n_micro - 1, weight=weight), dtype=torch.float64)
+        return sums
+
+    def close(self) -> None:
+        pass
+
     def __call__(self, engine, seq: torch.Tensor, recall: torch.Tensor, n_global: int, *, last: bool,
                  weight: float = 1.0) -> tuple[float, float, int]:
         """seq: [len] tokens. Returns (loss sum, recall-loss sum, recall count) of this rank's targets.
@@ -141,11 +159,17 @@ def train(cfg: Config) -> dict:
         seed_everything(cfg.train.seed, rt.rank)
         model = build_model(cfg, rt.device)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        runner = SequenceRunner(model, rt, cfg)  # wraps the model's attention (in place) when sp.degree > 1
+        if cfg.sp.adaptive:  # the planner scatters each batch over SP groups of different sizes
+            from dist.seqpar.adaptive import AdaptiveRunner
+
+            runner = AdaptiveRunner(model, rt, cfg)
+        else:
+            runner = SequenceRunner(model, rt, cfg)  # wraps the model's attention (in place) when sp.degree > 1
         engine = make_engine(cfg, model, rt)
         try:
             return _train(cfg, rt, model, engine, runner, n_params)
         finally:
+            runner.close()
             engine.close()
 
 
@@ -183,15 +207,7 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
             t0 = time.perf_counter()
             batch = data.batch(step)
             n_global = batch.num_targets
-            parts = split_for_dp([len(s) for s in batch.seqs], rt.mesh.dp)
-            mine = parts[rt.dp_index]
-            n_micro = engine.micro_steps([len(p) for p in parts], rt.dp_index)
-            filler = min(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i]))  # zero-weighted passes
-            sums = torch.zeros(3, dtype=torch.float64)
-            for j in range(n_micro):
-                i, weight = (mine[j], 1.0) if j < len(mine) else (filler, 0.0)
-                sums += torch.tensor(runner(engine, batch.seqs[i], batch.recall_masks[i], n_global,
-                                            last=j == n_micro - 1, weight=weight), dtype=torch.float64)
+            sums = runner.step(engine, batch, step, data)  # forward + backward of this rank's share
             lr = lr_at(step, cfg)
             grad_norm = engine.step(lr)  # sums gradients over all ranks, clips, steps AdamW
             dist.all_reduce(sums)  # loss sums over every rank's targets
