@@ -104,9 +104,11 @@ class Runtime:
         self._owns_default_group = False
         if not dist.is_initialized():
             if "MASTER_ADDR" in os.environ:
-                dist.init_process_group(backend, store=restart_safe_store(self.rank, self.world_size, self.timeout),
-                                        rank=self.rank, world_size=self.world_size, timeout=self.timeout,
-                                        device_id=self.device if backend == "nccl" else None)
+                store = None  # env:// as torch does it, outside torchrun's restarts
+                if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+                    store = restart_safe_store(self.rank, self.world_size, self.timeout)
+                dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                        timeout=self.timeout, device_id=self.device if backend == "nccl" else None)
             else:  # plain `python -m dist.launch`: one rank, same code path
                 if self.world_size != 1:
                     raise ValueError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
