@@ -99,7 +99,8 @@ def main() -> int:
     lines = [f"# Memory estimate vs torch.cuda.max_memory_allocated ({result['date']})", "",
              f"{device}, {world} ranks, shape {args.shape}, {args.seq} tokens, sp {args.sp} ({args.strategy}), "
              f"engine {args.engine}; the estimate without its margin", "",
-             "| checkpointing | tokens/rank | estimate GB | measured GB | measured / estimate |", "|---|---|---|---|---|"]
+             "| checkpointing | tokens/rank | estimate GB | measured GB | measured / estimate |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['tokens_per_rank']} | {r['estimate_gb']:.2f} | {r['measured_gb']:.2f} | "
               f"{r['ratio']:.3f} |" for r in rows]
     with open(os.path.join(args.out, f"check_memory_{result['date']}.md"), "w") as f:

@@ -56,7 +56,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm; 0 disables clipping
     seed: int = 0
     deterministic: bool = False   # bit-identical runs (deterministic algorithms, fixed reduction order)
-    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (DeepSpeed ZeRO, dist[deepspeed]) | "fsdp" (FSDP2)
+    engine: str = "torch"         # "torch" (AdamW + one all-reduce) | "deepspeed" (ZeRO, dist[deepspeed]) | "fsdp"
     zero_stage: int = 2           # ZeRO stage with engine = "deepspeed": 1 (optimizer state) | 2 (+ gradients)
     # memory (docs/memory.md): what backward recomputes, "none" | "full" (whole layers) | "selective" (MLPs)
     activation_checkpointing: str = "none"

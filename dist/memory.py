@@ -52,7 +52,12 @@ def model_config(cfg):
     from dist.models.llama import PRESETS
 
     if cfg.model.path:
-        with open(os.path.join(cfg.model.path, "config.json")) as f:
+        path = os.path.join(cfg.model.path, "config.json")
+        if not os.path.isfile(path):
+            from dist.config import ConfigError
+
+            raise ConfigError(f"config key 'model.path': no config.json in {cfg.model.path}")
+        with open(path) as f:
             return config_from_hf(json.load(f))
     return PRESETS[cfg.model.preset].replace()
 
