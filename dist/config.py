@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from dist.plan import LAYOUTS, STRATEGY_CHOICES
+from dist.sim import LINK_PROFILES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,6 +88,9 @@ class RuntimeConfig:
     backend: str = "auto"         # "auto" (nccl with CUDA, else gloo) | "gloo" | "nccl"
     timeout_s: float = 300.0      # collective timeout: a dead peer gives an error, not a hang
     threads: int = 0              # torch threads per rank; 0 = cores / local ranks
+    # links the performance model (dist.sim, strategy "auto") charges: a dist.sim.LINK_PROFILES name
+    intra_node_link: str = "auto"  # ranks of one node; "auto": nvlink-h100 on CUDA, gloo-loopback on CPU
+    inter_node_link: str = "auto"  # a group spanning nodes; "auto": ib-400 on CUDA, tcp-10g on CPU
 
 
 @dataclass
@@ -117,6 +121,8 @@ CHOICES = {
     "sp.check_inputs": ("once", "always"),
     "log.level": ("debug", "info", "warning"),
     "runtime.backend": ("auto", "gloo", "nccl"),
+    "runtime.intra_node_link": ("auto", *LINK_PROFILES),
+    "runtime.inter_node_link": ("auto", *LINK_PROFILES),
     "serve.mode": ("disaggregated", "colocated"),
 }
 

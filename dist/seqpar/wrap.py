@@ -62,7 +62,7 @@ def _auto(q, k, causal, group, layout) -> str:
     world = comm.group_size(group) if dist.is_initialized() else 1
     if world == 1 or q.dim() != 4 or k.dim() != 4:
         return "auto"
-    return choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout, itemsize=q.element_size(),
+    return choose_strategy(q.shape, k.shape, comm.group_ranks(group), causal=causal, layout=layout, itemsize=q.element_size(),
                            device_type=q.device.type, candidates=SP_STRATEGIES)
 
 
