@@ -77,24 +77,29 @@ def parse_args(argv=None):
     return args
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls after a warm-up: the kernel's speed least disturbed by other
+    work on the machine."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares of t = call_s + flops / rate over (flops, t) samples -> (rate, call_s >= 0)."""
-    n = len(samples)
-    mx, my = sum(f for f, _ in samples) / n, sum(t for _, t in samples) / n
-    slope = sum((f - mx) * (t - my) for f, t in samples) / sum((f - mx) ** 2 for f, _ in samples)
-    call_s = my - slope * mx
+    """Least squares of t = call_s + flops / rate over (flops, t) samples, each weighted by 1 / t^2
+    (relative errors, so small blocks pin call_s and large ones the rate) -> (rate, call_s >= 0)."""
+    w = [1.0 / t ** 2 for _, t in samples]
+    sw, swf = sum(w), sum(wi * f for wi, (f, _) in zip(w, samples))
+    swff = sum(wi * f * f for wi, (f, _) in zip(w, samples))
+    swt, swft = sum(wi * t for wi, (_, t) in zip(w, samples)), sum(wi * f * t for wi, (f, t) in zip(w, samples))
+    det = sw * swff - swf * swf
+    call_s, slope = (swt * swff - swf * swft) / det, (sw * swft - swf * swt) / det
     if call_s < 0 or slope <= 0:  # a negative fixed cost (or rate) is noise: fit through zero
-        call_s, slope = 0.0, sum(f * t for f, t in samples) / sum(f * f for f, _ in samples)
+        call_s, slope = 0.0, swft / swff
     return 1.0 / slope, call_s
 
 
@@ -109,8 +114,8 @@ def measure_compute(args, sizes=(128, 256, 512, 1024, 2048)) -> tuple[ComputePro
         for causal in (False, True):
             out, lse = attention_forward(q, k, v, causal=causal)
             reps = max(1, args.repeats)
-            fwd = _median_time(lambda: attention_forward(q, k, v, causal=causal), reps)
-            bwd = _median_time(lambda: attention_backward(out, q, k, v, out, lse, causal=causal), reps)
+            fwd = _best_time(lambda: attention_forward(q, k, v, causal=causal), reps)
+            bwd = _best_time(lambda: attention_backward(out, q, k, v, out, lse, causal=causal), reps)
             w = Workload(1, n, args.heads, args.kv_heads, args.head_dim, 1, causal, "contiguous", 4)
             flops = w.block_flops(0, 0)
             samples["fwd"].append((flops, fwd))
@@ -210,7 +215,7 @@ def run_configs(args, world: int) -> list[dict]:
                     times[name].append(dt.item())
         for name, ts in times.items():
             med = statistics.median(ts)
-            out.append(dict(world=world, seq_len=seq, strategy=name, measured_s=med,
+            out.append(dict(world=world, seq_len=seq, strategy=name, measured_s=med, min_s=min(ts),
                             spread=(max(ts) - min(ts)) / med))
     return out
 
@@ -260,15 +265,15 @@ def predict_rows(args, rows: list[dict], link: LinkProfile, compute: ComputeProf
                      diag_tail=diag_tail("cpu"))
         pred = predict(r["strategy"], w, link, on_shared_cores(compute, p, args.cores))
         r.update(predicted_s=pred.total_s, predicted_compute_s=pred.compute_s, link=link.name,
-                 error=pred.total_s / r["measured_s"] - 1.0)
+                 error=pred.total_s / r["measured_s"] - 1.0, error_vs_min=pred.total_s / r["min_s"] - 1.0)
     return rows
 
 
-def summary(rows: list[dict], key: str) -> list[dict]:
-    """Median and worst |error| of the rows grouped by `key`."""
+def summary(rows: list[dict], key: str, error: str = "error") -> list[dict]:
+    """Median and worst |error| of the rows grouped by `key` (error: the row field compared)."""
     out = []
     for value in sorted({r[key] for r in rows}, key=str):
-        errs = [r["error"] for r in rows if r[key] == value]
+        errs = [r[error] for r in rows if r[key] == value]
         worst = max(errs, key=abs)
         out.append({key: value, "points": len(errs), "median_abs_error": statistics.median(abs(e) for e in errs),
                     "worst_error": worst, "within_10pct": sum(abs(e) <= 0.10 for e in errs)})
@@ -286,20 +291,30 @@ def report(args, doc: dict) -> str:
              f"{doc['link']['latency_s'] * 1e6:.0f} us, duplex {doc['link']['duplex']:.2f}, all-to-all "
              f"{(doc['link']['alltoall_Bps'] or 0) / 1e9:.2f} GB/s, all-gather "
              f"{(doc['link']['allgather_Bps'] or 0) / 1e9:.2f} GB/s ({doc['link']['source']}).", "",
-             "| P | seq | strategy | measured s | spread | predicted s | error |", "|---|---|---|---|---|---|---|"]
+             "error = predicted / median - 1; error vs best = predicted / fastest repeat - 1 (the run least "
+             "disturbed by other work on the machine; kernel timings are the fastest of their repeats too).", "",
+             "load: the machine's 1-minute load average when that P's runs ended (all jobs on it, "
+             "not only this benchmark's ranks).", "",
+             "| P | seq | strategy | median s | spread | best s | predicted s | error | error vs best | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
+        load = f"{r['load']:.1f}" if "load" in r else "-"
         lines.append(f"| {r['world']} | {r['seq_len']} | {r['strategy']} | {r['measured_s']:.3f} | "
-                     f"{100 * r['spread']:.0f}% | {r['predicted_s']:.3f} | {100 * r['error']:+.1f}% |")
-    for key in ("link", "world"):
-        lines += ["", f"| {key} | points | median abs error | worst error | within 10% |", "|---|---|---|---|---|"]
-        for s in doc["summary"][key]:
-            lines.append(f"| {s[key]} | {s['points']} | {100 * s['median_abs_error']:.1f}% | "
-                         f"{100 * s['worst_error']:+.1f}% | {s['within_10pct']} |")
+                     f"{100 * r['spread']:.0f}% | {r['min_s']:.3f} | {r['predicted_s']:.3f} | "
+                     f"{100 * r['error']:+.1f}% | {100 * r['error_vs_min']:+.1f}% | {load} |")
+    for name, errors in doc["summary"].items():
+        for key in ("link", "world"):
+            lines += ["", f"| {key} | points | median abs {name} | worst {name} | within 10% |",
+                      "|---|---|---|---|---|"]
+            for s in errors[key]:
+                lines.append(f"| {s[key]} | {s['points']} | {100 * s['median_abs_error']:.1f}% | "
+                             f"{100 * s['worst_error']:+.1f}% | {s['within_10pct']} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    load_start = os.getloadavg()[0]
     loaded = next(iter(load_link_profiles(args.link_profile).values())) if args.link_profile else None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this job's ranks
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
@@ -319,15 +334,17 @@ def main(argv=None):
         link = loaded or _spawn(_probe, args, 2)
         rows = []
         for world in (int(x) for x in args.worlds.split(",")):
-            rows += _spawn(run_configs, args, world)
+            rows += [dict(r, load=os.getloadavg()[0]) for r in _spawn(run_configs, args, world)]
             print(f"P={world}: {len(rows)} points measured", flush=True)
     print(f"compute: {compute}\nlink: {link}", flush=True)
     predict_rows(args, rows, link, compute)
     doc = dict(benchmark="bench_model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, load average "
-                       f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+                       f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end ({load_start:.1f} at the start)",
                label=args.label, args=vars(args), compute=asdict(compute), kernel_timings=kernel_rows,
-               link=asdict(link), rows=rows, summary={"link": summary(rows, "link"), "world": summary(rows, "world")})
+               link=asdict(link), rows=rows,
+               summary={name: {key: summary(rows, key, field) for key in ("link", "world")}
+                        for name, field in (("error", "error"), ("error vs best", "error_vs_min"))})
     md = report(args, doc)
     print(md)
     if not args.quick:

@@ -13,9 +13,10 @@ def test_fit_recovers_rate_and_call_cost():
     samples = [(f, 2e-3 + f / 5e9) for f in (1e6, 1e7, 1e8, 1e9)]
     rate, call_s = bench_model._fit(samples)
     assert rate == pytest.approx(5e9, rel=1e-9) and call_s == pytest.approx(2e-3, rel=1e-6)
-    # a negative intercept is noise: the fit goes through zero
+    # a negative intercept is noise: the fit goes through zero, weighting each sample by 1 / t^2
     rate, call_s = bench_model._fit([(1e6, 1e-4), (2e6, 3e-4)])
-    assert call_s == 0.0 and rate == pytest.approx((1e12 + 4e12) / (1e2 + 6e2), rel=1e-9)
+    w1, w2 = 1 / 1e-4 ** 2, 1 / 3e-4 ** 2
+    assert call_s == 0.0 and rate == pytest.approx((w1 * 1e12 + w2 * 4e12) / (w1 * 1e6 * 1e-4 + w2 * 2e6 * 3e-4))
 
 
 def test_ranks_on_fewer_cores_compute_proportionally_slower():
@@ -39,5 +40,6 @@ def test_quick_run_predicts_every_measured_point():
     for r in doc["rows"]:
         assert r["measured_s"] > 0 and r["predicted_s"] > 0
         assert r["error"] == pytest.approx(r["predicted_s"] / r["measured_s"] - 1)
+        assert r["error_vs_min"] == pytest.approx(r["predicted_s"] / r["min_s"] - 1)
     assert doc["compute"]["basis"] == "measured" and doc["link"]["bandwidth_Bps"] > 0
-    assert doc["summary"]["link"][0]["points"] == 2
+    assert doc["summary"]["error"]["link"][0]["points"] == 2
