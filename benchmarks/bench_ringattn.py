@@ -1,8 +1,6 @@
 """Ring attention benchmark: forward+backward time, bytes per rank and efficiency of every strategy
 (tokenring, ring, allgather, and our Ulysses from dist.seqpar), with DeepSpeed-Ulysses
-(deepspeed.sequence.layer.DistributedAttention, "ds-ulysses") as the peer in the same run, and the
-dist.sim model's prediction beside each measurement. (Results written before 2026-11-23 18:10 UTC
-name DeepSpeed's "ulysses": ours did not exist then.)
+(deepspeed.sequence.layer.DistributedAttention, "ds-ulysses") as the peer in the same run.
 
     python benchmarks/bench_ringattn.py --world-sizes 2 --seq-len 4096 --heads 8 --head-dim 64
     torchrun --nproc-per-node 2 benchmarks/bench_ringattn.py ...        # uses the env's process group
@@ -11,15 +9,12 @@ efficiency = (single-rank time of the full sequence / P) / strategy time. One th
 eff*  = the same against the single-rank step run by every rank at once ("all ranks"): what the
 machine allows when all its cores compute (shared caches, memory bandwidth; ranks > cores share
 cores), so eff* isolates what the strategy itself costs; ceiling = single / all ranks.
-Ranks on one host talk over dist.comm's shared-memory transport (DIST_SHM=0: gloo's TCP loopback);
-the transport used is recorded. "NAME-nocomm" (tokenring, ring, allgather, ulysses) runs that
-strategy's schedule, the same kernel calls on every rank at once, with its messages not sent
-(receive buffers filled locally): the strategy's compute-only time on this machine, so that
-measured / no-messages time is what communication costs it. When a run has NAME-nocomm, NAME's
-prediction takes that measured compute (the link part stays the model's); the -nocomm row's own
-prediction is the flops model's compute, so its error shows what the flops alone miss.
-"NAME-nokernel" (tokenring, ring, allgather) is the converse: the schedule's messages with the
-attention kernels returning zeros at once, beside the model's time for the messages alone.
+Ranks talk over the process group's backend (gloo on CPU). "NAME-nocomm" (tokenring, ring,
+allgather, ulysses) runs that strategy's schedule, the same kernel calls on every rank at once,
+with its messages not sent (receive buffers filled locally): measured / no-messages time is what
+communication costs it. "NAME-nokernel" (tokenring, ring, allgather) is the converse: the
+schedule's messages with the attention kernels returning zeros at once. The model's predictions
+and their error are benchmarks/bench_model.py's.
 Writes benchmarks/results/ringattn.json (or --json) and a dated markdown table beside it.
 """
 
@@ -35,7 +30,6 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,9 +43,7 @@ from dist.ringattn import diag_tail, shard  # noqa: E402
 from dist.ringattn import strategies as ring_strategies  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
 from dist.seqpar import ulysses as ulysses_module  # noqa: E402
-from benchmarks.bench_links import interference  # noqa: E402
-from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, RING_STRATEGIES, ComputeProfile, LinkProfile,  # noqa: E402
-                      Workload, bytes_per_rank, link_profile, load_link_profiles, predict)
+from dist.sim import RING_STRATEGIES, Workload, bytes_per_rank  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOCOMM = "-nocomm"  # a strategy's schedule with its messages not sent
@@ -72,12 +64,10 @@ def parse_args(argv=None):
     ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     ap.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                     help="comma list; NAME-nocomm (tokenring, ring, allgather, ulysses): NAME with its messages "
-                         "not sent, whose time then stands for NAME's compute in NAME's prediction")
+                         "not sent; NAME-nokernel (ring strategies): its messages with the kernels stubbed")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--link-profile", help="JSON link profiles (dist.sim format); the first one is used for "
-                                           "predictions instead of the loopback measured here")
     ap.add_argument("--label", default="", help="free text recorded with the results (e.g. testbed link)")
     ap.add_argument("--json", default=None, help="output JSON (default benchmarks/results/ringattn.json)")
     ap.add_argument("--no-write", action="store_true", help="print only (smoke tests)")
@@ -103,40 +93,6 @@ def make_inputs(args, seed=0):
     return q, k, v, dout
 
 
-def measure_link(nbytes=8 << 20, repeats=3):
-    """Loopback link of ranks 0 and 1 (both directions at once), as a LinkProfile; every rank calls it.
-    How that exchange and the compute of every rank beside it slow each other: bench_links.interference."""
-    rank = dist.get_rank()
-    peer = 1 - rank if rank < 2 else None
-    buf, small = torch.zeros(nbytes // 4), torch.zeros(1)
-
-    def exchange(size_buf):
-        ex = comm.Exchange()  # every rank: the first one creates the twin group
-        if peer is not None:
-            ex.send(size_buf, peer, "probe")
-            ex.recv(torch.empty_like(size_buf), peer)
-            ex.start()
-            ex.wait()
-
-    results = {}
-    for name, size_buf in (("lat", small), ("bw", buf)):
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            exchange(size_buf)
-            times.append(time.perf_counter() - t0)
-        results[name] = min(times)
-    shared = interference(lambda: exchange(buf), None, warmup=1, repeats=repeats)
-    comm.counters.reset()
-    lat = results["lat"]
-    bw = nbytes / max(results["bw"] - lat, 1e-9)
-    return LinkProfile("measured-loopback", bw, lat, 1.0, None, f"measured by bench_ringattn on {socket.gethostname()}",
-                       rate_while_computing=shared["rate_while_computing"],
-                       compute_lost_while_moving=shared["compute_lost_while_moving"],
-                       compute_lost_slowest=shared["compute_lost_slowest"])
-
-
 def workload(args, world: int, device_type: str = "cpu", itemsize: int | None = None) -> Workload:
     """The dist.sim workload of this benchmark's attention call at world size `world` (args: the
     parsed arguments, or the dict stored in a results JSON); itemsize: that of --dtype unless given."""
@@ -144,21 +100,6 @@ def workload(args, world: int, device_type: str = "cpu", itemsize: int | None = 
     itemsize = itemsize or torch.empty(0, dtype=getattr(torch, a["dtype"])).element_size()
     return Workload(a["batch"], a["seq_len"] // world, a["heads"], a["kv_heads"] or a["heads"], a["head_dim"], world,
                     a["causal"], a["layout"], itemsize, diag_tail=diag_tail(device_type))
-
-
-def repredict(doc: dict) -> dict:
-    """A results document (this script's JSON) with every prediction redone by the current dist.sim,
-    from the link and compute profiles the run measured and stored; the measurements stay as they were."""
-    for run in doc["runs"]:
-        meta, world = run["meta"], run["world"]
-        link, cpu = link_profile(meta["link"]), ComputeProfile(**meta["compute"])
-        w = workload(doc["args"], world)
-        measured = _compute_only({r["strategy"]: r["median_s"] for r in run["rows"] if "median_s" in r})
-        for row in run["rows"]:
-            if "median_s" in row:
-                row["predicted_s"], row["predicted_compute_s"] = _predicted(row["strategy"], w, link, cpu, measured)
-                row["compute_source"] = _compute_source(row["strategy"], measured)
-    return doc
 
 
 def sim_name(strategy: str) -> str:
@@ -239,50 +180,6 @@ def _without_kernels():
         ring_strategies.attention_forward, ring_strategies.attention_backward = real
 
 
-def _predicted(strategy: str, w: Workload, link: LinkProfile, cpu: ComputeProfile,
-               compute_only: dict | None = None) -> tuple[float, float]:
-    """(predicted s, predicted compute-only s) of a benchmarked strategy.
-
-    compute_only: {schedule name: measured s of its "-nocomm" run} from the same run. A strategy
-    found there is predicted with its compute scaled to that measurement: kernel flops alone miss
-    what its schedule adds on this machine (smaller blocks, merges, gradient sums, copies, Python),
-    which measured 2-41% more than the flops at s=3072, P=2-4. A "-nocomm" row itself predicts its
-    compute from the flops alone, so its error is the flops model's.
-    """
-    name = sim_name(strategy)
-    if strategy.endswith(NOKERNEL):  # messages only: the model with compute for free
-        pred = predict(name, w, link, replace(cpu, fwd_flops=cpu.fwd_flops * 1e9, bwd_flops=cpu.bwd_flops * 1e9))
-        return pred.total_s, 0.0
-    measured = _measured_compute(strategy, compute_only)
-    if measured:
-        k = measured / predict(name, w, link, cpu).compute_s
-        cpu = replace(cpu, fwd_flops=cpu.fwd_flops / k, bwd_flops=cpu.bwd_flops / k,
-                      source=f"{cpu.source}; scaled by {k:.3f} to the measured {name}{NOCOMM} run")
-    pred = predict(name, w, link, cpu)
-    return (pred.compute_s if strategy.endswith(NOCOMM) else pred.total_s), pred.compute_s
-
-
-def _compute_source(strategy: str, compute_only: dict) -> str:
-    """Where a row's predicted compute comes from: "measured" (its -nocomm run), "flops", or "none"
-    (a -nokernel row)."""
-    if strategy.endswith(NOKERNEL):
-        return "none"
-    return "measured" if _measured_compute(strategy, compute_only) else "flops"
-
-
-def _measured_compute(strategy: str, compute_only: dict | None) -> float | None:
-    """The measured compute-only s a strategy's prediction is scaled to (None: from the flops)."""
-    if strategy.endswith((NOCOMM, NOKERNEL)):
-        return None
-    return (compute_only or {}).get(sim_name(strategy)) or None
-
-
-def _compute_only(medians: dict) -> dict:
-    """{schedule name: measured s} of the "-nocomm" strategies in {strategy: median s} (what
-    _predicted takes)."""
-    return {sim_name(name): t for name, t in medians.items() if name.endswith(NOCOMM)}
-
-
 def ulysses_fn(group, causal):
     import deepspeed
     from deepspeed.sequence.layer import DistributedAttention
@@ -295,7 +192,7 @@ def ulysses_fn(group, causal):
     return DistributedAttention(local, group or dist.group.WORLD, scatter_idx=2, gather_idx=1)
 
 
-def run_world(args, link_override):
+def run_world(args):
     """Every rank runs this. Returns rank 0's (rows, meta); the others return None.
 
     The single-rank baseline (full sequence on rank 0 while the others wait) and every strategy are
@@ -310,7 +207,6 @@ def run_world(args, link_override):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
-    link = link_override or measure_link()
     steps, skipped = {}, {}
 
     def single_all():  # every rank at once: the baseline that shares the machine as the strategies do
@@ -321,12 +217,7 @@ def run_world(args, link_override):
         if rank == 0:
             single_all()
 
-    def single_fwd():
-        if rank == 0:
-            with torch.no_grad():
-                attention(q, k, v, causal=args.causal)
-
-    steps["single"], steps["single_all"], steps["single_fwd"] = single, single_all, single_fwd
+    steps["single"], steps["single_all"] = single, single_all
     for strategy in args.strategies.split(","):
         layout = "contiguous" if strategy == "ds-ulysses" else args.layout
         mine = [shard(x, 1, rank, world, layout) for x in (q, k, v, dout)]
@@ -365,20 +256,9 @@ def run_world(args, link_override):
             if i >= args.warmup:
                 times[name].append(dt)
                 waits[name].append(wait)
-    t1, t1_fwd = statistics.median(times["single"]), statistics.median(times["single_fwd"])
-    t_all = statistics.median(times["single_all"])
+    t1, t_all = statistics.median(times["single"]), statistics.median(times["single_all"])
     w = workload(args, world, q.device.type)
-    w_gpu = workload(args, world, "cuda", itemsize=2)  # the same call in bf16 on GPUs
-    full = Workload(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, 1, args.causal,
-                    "contiguous", q.element_size())
-    fwd_flops = full.block_flops(0, 0)
-    cpu = ComputeProfile("measured-cpu", fwd_flops / t1_fwd, 2.5 * fwd_flops / max(t1 - t1_fwd, 1e-9),
-                         "single-rank kernel time measured in this run")
-    if not q.is_cuda:  # every rank of this run shares this machine's cores (loopback or testbed), and
-        cores = os.cpu_count() or 1  # runs slower when all compute at once than alone: measured above
-        cpu = cpu.shared(cores, slowdown=max(1.0, t_all / (t1 * max(1.0, world / cores))))
     rows = []
-    measured = _compute_only({name: statistics.median(t) for name, t in times.items()})
     for strategy in args.strategies.split(","):
         if strategy in skipped:
             rows.append(dict(strategy=strategy, skipped=skipped[strategy]))
@@ -389,31 +269,26 @@ def run_world(args, link_override):
         sent = torch.tensor([sum(b for key, b in comm.counters.bytes.items() if key != "meta")], dtype=torch.float64)
         dist.all_reduce(sent, op=dist.ReduceOp.MAX)
         model_bytes = 0 if strategy.endswith(NOCOMM) else max(bytes_per_rank(sim_name(strategy), w))
-        pred_s, pred_compute_s = _predicted(strategy, w, link, cpu, measured)
         rows.append(dict(
             strategy=strategy, world=world, median_s=med, min_s=lo, max_s=hi,
             spread=(hi - lo) / med, efficiency=(t1 / world) / med, efficiency_matched=(t_all / world) / med,
             wait_s=None if strategy == "ds-ulysses" else statistics.median(waits[strategy]),
             bytes_per_rank=int(sent.item()) if strategy != "ds-ulysses" else model_bytes,
             bytes_source="counted" if strategy != "ds-ulysses" else "model",
-            model_bytes_per_rank=model_bytes, predicted_s=pred_s, predicted_compute_s=pred_compute_s,
-            compute_source=_compute_source(strategy, measured),
-            gpu_predicted_ms={name: _predicted(strategy, w_gpu, LINK_PROFILES[name], COMPUTE_PROFILES["h100-bf16"])[0]
-                              * 1e3 for name in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")},
+            model_bytes_per_rank=model_bytes,
         ))
     comm.counters.reset()
-    meta = dict(link=link.__dict__, compute=cpu.__dict__, single_s=t1, single_fwd_s=t1_fwd,
-                single_spread=(max(times["single"]) - min(times["single"])) / t1, single_all_s=t_all,
-                ceiling=t1 / t_all, transport="shared memory" if comm.shm_peers() else dist.get_backend())
+    meta = dict(single_s=t1, single_spread=(max(times["single"]) - min(times["single"])) / t1, single_all_s=t_all,
+                ceiling=t1 / t_all, transport=dist.get_backend())
     return (rows, meta) if rank == 0 else None
 
 
-def _spawned(rank, world, args, link_override, port, out_path):
+def _spawned(rank, world, args, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
-        res = run_world(args, link_override)
+        res = run_world(args)
         if rank == 0:
             torch.save(res, out_path)
     finally:
@@ -426,12 +301,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _sharing(link: dict) -> str:
-    """How the link and the compute on the same cores slow each other, in words."""
-    return (f"link at {link.get('rate_while_computing', 1.0):.2f} of its rate while ranks compute, "
-            f"compute losing {100 * link.get('compute_lost_while_moving', 0.0):.0f}% while it carries data")
-
-
 def _wait(row) -> str:
     """The slowest rank's time blocked in dist.comm (median over repeats); DeepSpeed's collectives
     bypass dist.comm, so its rows have none."""
@@ -442,21 +311,15 @@ def print_rows(args, world, rows, meta):
     print(f"\nP={world}  s={args.seq_len} batch={args.batch} heads={args.heads}/{args.kv_heads} d={args.head_dim} "
           f"causal={args.causal} layout={args.layout} {args.dtype}; single rank {meta['single_s']:.3f} s "
           f"(spread {100 * meta['single_spread']:.0f}%), all ranks at once {meta['single_all_s']:.3f} s "
-          f"(ceiling {meta['ceiling']:.3f}); {meta['transport']}: "
-          f"link {meta['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, {meta['link']['latency_s'] * 1e6:.0f} us, "
-          f"{_sharing(meta['link'])}")
-    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'eff*':>6} {'wait s':>7} {'MB/rank':>9} {'pred s':>8} "
-          f"{'meas/pred':>9}  "
-          f"GPU-predicted ms (h100, bf16): nvlink / pcie4 / pcie5 / ib200 / ib400")
+          f"(ceiling {meta['ceiling']:.3f}); {meta['transport']}")
+    print(f"{'strategy':10} {'median s':>9} {'spread':>7} {'eff':>6} {'eff*':>6} {'wait s':>7} {'MB/rank':>9}")
     base = {r["strategy"]: r for r in rows if "median_s" in r}
     for r in rows:
         if "skipped" in r:
             print(f"{r['strategy']:10} skipped: {r['skipped']}")
             continue
-        g = r["gpu_predicted_ms"]
         print(f"{r['strategy']:10} {r['median_s']:9.3f} {100 * r['spread']:6.1f}% {r['efficiency']:6.3f} "
-              f"{r['efficiency_matched']:6.3f} {_wait(r):>7} {r['bytes_per_rank'] / 1e6:9.2f} {r['predicted_s']:8.3f} {r['median_s'] / r['predicted_s']:9.2f}  "
-              + " / ".join(f"{g[n]:.3f}" for n in ("nvlink-h100", "pcie-gen4", "pcie-gen5", "ib-200", "ib-400")))
+              f"{r['efficiency_matched']:6.3f} {_wait(r):>7} {r['bytes_per_rank'] / 1e6:9.2f}")
     if "tokenring" in base:
         for other in ("ring", "allgather", "ulysses", "ds-ulysses", "tokenring-nocomm"):
             if other in base:
@@ -477,25 +340,22 @@ def write_results(args, all_rows, path):
              f"{args.repeats} repeats after {args.warmup} warm-up.", "",
              "efficiency = (single rank / P) / median; eff* = (single step on every rank at once / P) / median; "
              "wait s = the slowest rank's time blocked in dist.comm (communication compute did not hide).", "",
-             "| P | strategy | median s | spread | efficiency | eff* | wait s | MB sent/rank | predicted s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| P | strategy | median s | spread | efficiency | eff* | wait s | MB sent/rank |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in all_rows:
         for r in run["rows"]:
             if "median_s" in r:
                 lines.append(f"| {r['world']} | {r['strategy']} | {r['median_s']:.3f} | {100 * r['spread']:.1f}% | "
                              f"{r['efficiency']:.3f} | {r['efficiency_matched']:.3f} | {_wait(r)} | "
-                             f"{r['bytes_per_rank'] / 1e6:.2f} | "
-                             f"{r['predicted_s']:.3f} |")
+                             f"{r['bytes_per_rank'] / 1e6:.2f} |")
     for run in all_rows:
         base = {r["strategy"]: r for r in run["rows"] if "median_s" in r}
         if "tokenring" in base:
             ratios = ", ".join(f"{o} / tokenring = {base[o]['median_s'] / base['tokenring']['median_s']:.3f}"
                                for o in ("ring", "allgather", "ulysses", "ds-ulysses", "tokenring-nocomm") if o in base)
-            link = run["meta"]["link"]
             meta = run["meta"]
             lines.append(f"\nP={run['world']}: {ratios}; single rank {meta['single_s']:.3f} s, every rank at once "
-                         f"{meta['single_all_s']:.3f} s (ceiling {meta['ceiling']:.3f}); {meta['transport']} link "
-                         f"{link['bandwidth_Bps'] / 1e9:.2f} GB/s, {_sharing(link)} (predictions include it).")
+                         f"{meta['single_all_s']:.3f} s (ceiling {meta['ceiling']:.3f}); {meta['transport']}.")
     md.write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path} and {md}")
 
@@ -503,13 +363,10 @@ def write_results(args, all_rows, path):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
-    link_override = None
-    if args.link_profile:
-        link_override = next(iter(load_link_profiles(args.link_profile).values()))
     all_rows = []
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
-        res = run_world(args, link_override)
+        res = run_world(args)
         if dist.get_rank() == 0:
             rows, meta = res
             print_rows(args, dist.get_world_size(), rows, meta)
@@ -528,7 +385,7 @@ def main(argv=None):
                 raise ValueError(f"--seq-len {args.seq_len} must be divisible by 2 * world size ({2 * world})")
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "res.pt")
-                mp.spawn(_spawned, args=(world, args, link_override, free_port(), out), nprocs=world)
+                mp.spawn(_spawned, args=(world, args, free_port(), out), nprocs=world)
                 rows, meta = torch.load(out, weights_only=False)
             print_rows(args, world, rows, meta)
             all_rows.append(dict(world=world, rows=rows, meta=meta))

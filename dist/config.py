@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from dist.plan import LAYOUTS, STRATEGY_CHOICES
+from dist.sim import LINK_PROFILES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,6 +97,9 @@ class RuntimeConfig:
     # memory (docs/memory.md): the estimate checks against this many GB per device instead of the detected one
     device_memory_gb: float = 0.0
     ignore_memory_estimate: bool = False  # on CUDA, start even when the estimate exceeds the device
+    # links the performance model (dist.sim, strategy "auto") charges: a dist.sim.LINK_PROFILES name
+    intra_node_link: str = "auto"  # ranks of one node; "auto": nvlink-h100 on CUDA, gloo-loopback on CPU
+    inter_node_link: str = "auto"  # a group spanning nodes; "auto": ib-400 on CUDA, tcp-10g on CPU
 
 
 @dataclass
@@ -127,6 +131,8 @@ CHOICES = {
     "sp.check_inputs": ("once", "always"),
     "log.level": ("debug", "info", "warning"),
     "runtime.backend": ("auto", "gloo", "nccl"),
+    "runtime.intra_node_link": ("auto", *LINK_PROFILES),
+    "runtime.inter_node_link": ("auto", *LINK_PROFILES),
     "serve.mode": ("disaggregated", "colocated"),
 }
 

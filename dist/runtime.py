@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dist import comm
+from dist import sim
 
 log = logging.getLogger("dist")
 
@@ -83,7 +84,8 @@ def restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) 
 class Runtime:
     """This rank's view: rank, device, mesh and its process groups."""
 
-    def __init__(self, *, backend: str = "auto", timeout_s: float = 300.0, sp: int = 1, threads: int = 0):
+    def __init__(self, *, backend: str = "auto", timeout_s: float = 300.0, sp: int = 1, threads: int = 0,
+                 intra_node_link: str = "auto", inter_node_link: str = "auto"):
         self.rank = _env_int("RANK", 0)
         self.world_size = _env_int("WORLD_SIZE", 1)
         self.local_rank = _env_int("LOCAL_RANK", 0)
@@ -101,6 +103,8 @@ class Runtime:
             self.device = torch.device("cpu")
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // self.local_world_size))
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        # what strategy "auto" charges a group: its link by where its ranks are (torchrun: LOCAL_WORLD_SIZE per node)
+        sim.set_cluster(sim.default_cluster(self.device.type, self.local_world_size, intra_node_link, inter_node_link))
         self._owns_default_group = False
         if not dist.is_initialized():
             if "MASTER_ADDR" in os.environ:
@@ -131,7 +135,8 @@ class Runtime:
     def start(cls, cfg) -> "Runtime":
         """Build from a dist.config.Config."""
         return cls(backend=cfg.runtime.backend, timeout_s=cfg.runtime.timeout_s, sp=cfg.sp.degree,
-                   threads=cfg.runtime.threads)
+                   threads=cfg.runtime.threads, intra_node_link=cfg.runtime.intra_node_link,
+                   inter_node_link=cfg.runtime.inter_node_link)
 
     @property
     def is_main(self) -> bool:

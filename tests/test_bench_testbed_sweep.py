@@ -1,6 +1,5 @@
-"""benchmarks/bench_testbed_sweep.py's report: model points counted against the measured times, the
-"-nocomm" rows (compute measured without messages) and "-nokernel" rows (messages with the kernels
-stubbed) reported apart and not counted."""
+"""benchmarks/bench_testbed_sweep.py's report: every bench_model row per link type, the median and
+worst error per link type, failed points named."""
 
 from __future__ import annotations
 
@@ -10,24 +9,20 @@ import json
 from benchmarks import bench_testbed_sweep as sweep
 
 
-def _row(strategy, measured, predicted):
-    return {"strategy": strategy, "world_size": 2, "measured_s": measured, "predicted_s": predicted,
-            "predicted_compute_s": 0.1, "bytes_per_rank": 0 if strategy.endswith("-nocomm") else 1e6,
-            "skipped": None, "wait_s": 0.01}
+def _row(link, strategy, measured, predicted):
+    return {"link": link, "world": 2, "seq_len": 1536, "strategy": strategy, "measured_s": measured,
+            "predicted_s": predicted, "error": predicted / measured - 1}
 
 
-def test_report_counts_model_points_only(tmp_path):
-    args = argparse.Namespace(seq_len=256, heads=2, kv_heads=2, head_dim=16, causal=True, layout="zigzag",
-                              json=str(tmp_path / "sweep.json"))
-    profile = {"bandwidth_Bps": 24e6, "duplex": 0.97, "rate_while_computing": 0.9, "compute_lost_while_moving": 0.2}
-    rows = [_row("tokenring", 1.00, 1.05), _row("ring", 1.00, 1.20), _row("tokenring-nocomm", 0.20, 0.15),
-            _row("tokenring-nokernel", 0.80, 0.84)]
-    point = {"link": "testbed", "topology": "switch", "rate": "200mbit", "world_size": 2, "profile": profile,
-             "returncode": 0, "rows": rows}
-    sweep.write_report(args, [point])
+def test_report_gives_median_and_worst_error_per_link(tmp_path):
+    args = argparse.Namespace(seq_lens="1536", heads=6, head_dim=64, json=str(tmp_path / "sweep.json"))
+    switch = [_row("switch-1gbit", "tokenring", 1.0, 1.05), _row("switch-1gbit", "ring", 1.0, 1.20),
+              _row("switch-1gbit", "ulysses", 1.0, 0.98)]
+    points = [{"link": "switch-1gbit", "world_size": 2, "returncode": 0, "rows": switch},
+              {"link": "mesh-1gbit", "world_size": 2, "returncode": 1}]
+    sweep.write_report(args, points)
     md = (tmp_path / "sweep.md").read_text()
-    assert "1 of 2 points within 10% of the measured time (largest error 20.0%)." in md
-    assert "The flops model's compute against the -nocomm rows: -25% to -25% (1 rows)" in md
-    assert "| tokenring-nocomm | 200.0 |" in md
-    assert "-nokernel rows (kernels stubbed): +5.0% to +5.0% (1 rows" in md
-    assert json.loads((tmp_path / "sweep.json").read_text())["points"][0]["rows"] == rows
+    assert "| switch-1gbit | 3 | 5.0% | +20.0% | 2 |" in md  # median |error| 5%, worst +20%, 2 within 10%
+    assert "| mesh-1gbit | 2 | FAILED (rc=1) |" in md
+    assert "| switch-1gbit | 2 | 1536 | ring | 1000.0 | 1200.0 | +20.0% |" in md
+    assert json.loads((tmp_path / "sweep.json").read_text())["points"][0]["rows"] == switch

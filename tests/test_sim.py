@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, LinkProfile, Workload, bytes_per_rank, choose_strategy,
+from dist.sim import (COMPUTE_PROFILES, LINK_PROFILES, ComputeProfile, LinkProfile, Workload, bytes_per_rank, choose_strategy,
                       load_link_profiles, predict, schedule, where_each_wins)
 
 H100 = COMPUTE_PROFILES["h100-bf16"]
@@ -20,15 +20,13 @@ def test_builtin_and_loaded_profiles(tmp_path):
     path.write_text(json.dumps({"profiles": [
         {"name": "veth-1g", "bandwidth_Bps": 1.2e8, "latency_s": 1e-4, "duplex": 0.9, "alltoall_Bps": 1e8,
          "group_size": 2, "source": "measured", "per_peer": True, "allgather_Bps": 9e7,
-         "rate_while_computing": 0.5, "compute_lost_while_moving": 0.2, "cpu_s_per_byte": 2e-9},  # an older field
+         "rate_while_computing": 0.5, "cpu_s_per_byte": 2e-9},  # fields of older probes: left aside
         {"name": "plain", "bandwidth_Bps": 1e9, "latency_s": 1e-5}]}))
     links = load_link_profiles(path)
     assert links["veth-1g"].duplex == 0.9 and links["veth-1g"].alltoall_Bps == 1e8
-    assert links["veth-1g"].rate_while_computing == 0.5 and links["veth-1g"].compute_lost_while_moving == 0.2
     assert links["veth-1g"].per_peer
     assert links["veth-1g"].allgather_Bps == 9e7 and links["plain"].allgather_Bps is None
     assert links["plain"].duplex == 1.0 and links["plain"].alltoall_Bps is None
-    assert links["plain"].rate_while_computing == 1.0 and links["plain"].compute_lost_while_moving == 0.0
     assert not links["plain"].per_peer
     path.write_text(json.dumps({"profiles": [{"name": "x"}]}))
     with pytest.raises(ValueError, match="bandwidth_Bps"):
@@ -88,30 +86,6 @@ def test_where_each_wins_report(capsys):
     assert "nvlink-h100" in out and "best" in out
 
 
-def test_ranks_sharing_cores_and_links_that_slow_compute():
-    """Ranks on one machine: P ranks on C < P cores take P / C as long (times the measured slowdown of
-    all ranks computing at once); a link whose transfers and the compute beside them slow each other
-    stretches the steps where they overlap."""
-    cpu = COMPUTE_PROFILES["cpu-1-thread"]
-    w2, w4 = (Workload(1, 4096 // p, 8, 8, 64, p, True, "zigzag", 4, diag_tail=0.0) for p in (2, 4))
-    free = LinkProfile("free", 1e15, 0.0)
-    own = predict("allgather", w4, free, cpu)                   # a core per rank
-    on2 = predict("allgather", w4, free, cpu.shared(2))         # 4 ranks on 2 cores
-    assert on2.compute_s == pytest.approx(2 * own.compute_s, rel=1e-9)
-    assert predict("allgather", w2, free, cpu.shared(2)).compute_s == pytest.approx(
-        predict("allgather", w2, free, cpu).compute_s, rel=1e-9)  # as many cores as ranks: no change
-
-    assert predict("allgather", w4, free, cpu.shared(2, slowdown=1.25)).compute_s == pytest.approx(
-        2.5 * own.compute_s, rel=1e-9)
-
-    slow = predict("tokenring", w2, LinkProfile("slow", 2e7, 0.0, rate_while_computing=0.5,
-                                                compute_lost_while_moving=0.25), cpu.shared(2))
-    fast = predict("tokenring", w2, LinkProfile("fast", 2e7, 0.0), cpu.shared(2))
-    assert slow.total_s > fast.total_s and slow.compute_s == fast.compute_s
-    with pytest.raises(ValueError, match="rate_while_computing"):
-        LinkProfile("bad", 1e8, 0.0, rate_while_computing=0.0)
-
-
 def test_transfer_charges_duplex_only_while_both_directions_carry():
     """A rank that sends 2 MB and receives 1 MB: 1 MB each way at the duplex rate, then 1 MB one way at
     the full rate (TokenRing's zigzag steps at P = 2 are this lopsided)."""
@@ -138,22 +112,21 @@ def test_allgather_rides_the_ring_rate_and_dkv_the_alltoall_rate():
     assert predict("allgather", w2, slow_a2a, cpu).fwd_s > predict("allgather", w2, fast, cpu).fwd_s
 
 
-def test_ulysses_calls_back_to_back_ride_the_calls_rate():
-    """Ulysses sends q, k, v in three all-to-all calls back to back and its output (forward) or dout
-    (backward) in one; a profile that measured calls back to back charges those at that rate, the
-    single call (and the all-gather strategy's one dK/dV call) at the one-call rate."""
+def test_ulysses_moves_qkv_in_one_all_to_all_at_the_one_rate():
+    """Ulysses: one all-to-all of q, k, v packed and one of the output forward (dO, then dq, dk, dv
+    backward), each (P-1)/P of the rank's rows at the all-to-all rate plus one latency; the
+    attention between them on 1/P of the heads over the whole sequence."""
     w = Workload(1, 1024, 8, 8, 64, 4, True, "zigzag", 4)
-    assert [s.calls for s in schedule("ulysses", w, False) if not s.overlapped] == [3, 1]
-    assert [s.calls for s in schedule("ulysses", w, True) if not s.overlapped] == [1, 3]
     cpu = COMPUTE_PROFILES["cpu-1-thread"]
-    one = LinkProfile("one", 1e8, 0.0, 1.0, 1e7)
-    both = LinkProfile("both", 1e8, 0.0, 1.0, 1e7, alltoall_calls_Bps=5e6)
+    link = LinkProfile("l", 1e8, 1e-4, 1.0, 1e7)
     row = 1024 * 8 * 64 * 4 * 3 / 4                 # one tensor's bytes leaving a rank
-    pa, pb = predict("ulysses", w, one, cpu), predict("ulysses", w, both, cpu)
-    # forward: q, k, v (3 rows) now at half the rate, the output (1 row) as before; backward mirrors it
-    assert pb.fwd_s - pa.fwd_s == pytest.approx(3 * row / 5e6 - 3 * row / 1e7, rel=1e-6)
-    assert pb.bwd_s - pa.bwd_s == pytest.approx(3 * row / 5e6 - 3 * row / 1e7, rel=1e-6)
-    assert predict("allgather", w, both, cpu).total_s == pytest.approx(predict("allgather", w, one, cpu).total_s)
+    colls = [(s.sent[0], s.messages[0]) for s in schedule("ulysses", w, False) if not s.overlapped]
+    assert colls == [(3 * row, 1), (row, 1)]
+    assert [s.sent[0] for s in schedule("ulysses", w, True) if not s.overlapped] == [row, 3 * row]
+    pred = predict("ulysses", w, link, cpu)
+    assert pred.fwd_s - pred.compute_s / 3.5 == pytest.approx(2e-4 + 4 * row / 1e7, rel=1e-6)
+    full = 4.0 * 8 * 64 * 4096 * 4097 / 2 / 4  # causal flops of the whole sequence on 8/4 heads
+    assert pred.compute_s == pytest.approx(3.5 * full / 43e9, rel=1e-9)
 
 
 def test_auto_considers_ulysses_where_heads_divide():
@@ -180,11 +153,12 @@ def _auto_pick(rank, world):
 def test_sp_auto_never_picks_ulysses_when_kv_heads_do_not_divide():
     from tests.multirank import run_ranks
 
-    expected = choose_strategy((1, 64, 4, 8), (1, 64, 4, 8), 2, itemsize=4,
-                               candidates=("tokenring", "ring", "allgather", "ulysses"))
+    every = ("tokenring", "ring", "allgather", "ulysses")
+    expected = choose_strategy((1, 64, 4, 8), (1, 64, 4, 8), 2, itemsize=4, candidates=every)
+    ring_only = choose_strategy((1, 64, 4, 8), (1, 64, 1, 8), 2, itemsize=4, candidates=every[:3])
     for picks in run_ranks(_auto_pick, 2, timeout_s=60):
         assert picks[0] == expected  # the model's pick among all four, the same on every rank
-        assert picks[1] == "auto"  # 1 K/V head over 2 ranks: left to ring_attention
+        assert picks[1] == ring_only  # 1 K/V head over 2 ranks: a ring strategy, never Ulysses
 
 
 def test_per_peer_links_carry_messages_to_different_peers_at_once():
@@ -236,11 +210,69 @@ def test_profile_flags_are_checked(tmp_path):
     path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0, "per_peer": "no"}]}))
     with pytest.raises(ValueError, match="per_peer"):
         load_link_profiles(path)
-    path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0,
-                                              "rate_while_computing": "lots"}]}))
+    path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": "lots", "latency_s": 0}]}))
     with pytest.raises(ValueError, match="profile 0"):
         load_link_profiles(path)
-    path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0,
-                                              "compute_lost_while_moving": 1.5}]}))
-    with pytest.raises(ValueError, match="compute_lost_while_moving"):
+    path.write_text(json.dumps({"profiles": [{"name": "x", "bandwidth_Bps": 1e9, "latency_s": 0, "duplex": 1.5}]}))
+    with pytest.raises(ValueError, match="duplex"):
         load_link_profiles(path)
+
+
+def test_kernel_calls_pay_a_fixed_cost_each():
+    """A measured profile's call_s is charged once per kernel call of a rank's step: the KV ring at P=4
+    (zigzag, causal) runs one block per step, 4 steps, forward and backward; all-gather one per
+    visible block (4 as well); Ulysses one call on the whole sequence each way."""
+    w = Workload(1, 256, 4, 4, 32, 4, True, "zigzag", 4)
+    free = LinkProfile("free", 1e18, 0.0)
+    base = ComputeProfile("k", 1e9, 1e9, basis="measured")
+    slow = ComputeProfile("k", 1e9, 1e9, call_s=1e-3, basis="measured")
+    for strategy, calls in (("ring", 8), ("allgather", 8), ("ulysses", 2)):
+        extra = predict(strategy, w, free, slow).compute_s - predict(strategy, w, free, base).compute_s
+        assert extra == pytest.approx(calls * 1e-3, rel=1e-9), strategy
+    with pytest.raises(ValueError, match="basis"):
+        ComputeProfile("k", 1e9, 1e9, basis="guess")
+    assert H100.basis == "flops" and "35%" in H100.source  # the peak and efficiency are stated
+
+
+def test_cluster_charges_the_link_by_where_the_ranks_are():
+    """4 GPUs a node: ranks 0-3 share NVLink, ranks 2-5 span two nodes and ride InfiniBand; the "auto"
+    policy then sees the slower link (GQA 8 at 4K tokens per GPU: TokenRing on NVLink, where it
+    hides its messages, the KV ring on InfiniBand, where K/V are the fewer bytes)."""
+    from dist.sim import Cluster, cluster, default_cluster, set_cluster
+
+    c = Cluster(4, LINK_PROFILES["nvlink-h100"], LINK_PROFILES["ib-200"])
+    assert c.link([0, 1, 2, 3]) is LINK_PROFILES["nvlink-h100"]
+    assert c.link([2, 3, 4, 5]) is LINK_PROFILES["ib-200"] and c.nodes([2, 3, 4, 5]) == 2
+    assert Cluster(None, c.intra, c.inter).link([0, 99]) is c.intra  # ranks per node unknown: one node
+    q, k = (1, 4096, 32, 128), (1, 4096, 4, 128)
+    ranks_in, ranks_across = [0, 1, 2, 3], [2, 3, 4, 5]
+    expect_in = choose_strategy(q, k, 4, itemsize=2, device_type="cuda", link=LINK_PROFILES["nvlink-h100"])
+    expect_across = choose_strategy(q, k, 4, itemsize=2, device_type="cuda", link=LINK_PROFILES["ib-200"])
+    assert (expect_in, expect_across) == ("tokenring", "ring")
+    set_cluster(c)
+    try:
+        assert cluster("cuda") is c
+        assert choose_strategy(q, k, ranks_in, itemsize=2, device_type="cuda") == expect_in
+        assert choose_strategy(q, k, ranks_across, itemsize=2, device_type="cuda") == expect_across
+    finally:
+        set_cluster(None)
+    assert cluster("cuda") == default_cluster("cuda")  # one node of NVLink: what a plain script gets
+    assert default_cluster("cpu", 2).link([1, 2]).name == "tcp-10g"
+    with pytest.raises(ValueError, match="link profile"):
+        default_cluster("cuda", 8, intra="nvlink-9000")
+
+
+def test_config_names_the_links_and_runtime_sets_the_cluster():
+    from dist.config import ConfigError, load_config
+    from dist.runtime import Runtime
+    from dist.sim import cluster, set_cluster
+
+    with pytest.raises(ConfigError, match="runtime.inter_node_link"):
+        load_config(None, ["runtime.inter_node_link=ib-9000"])
+    cfg = load_config(None, ["runtime.intra_node_link=pcie-gen4", "runtime.inter_node_link=ib-200"])
+    try:
+        with Runtime.start(cfg):
+            c = cluster("cpu")
+            assert (c.intra.name, c.inter.name, c.ranks_per_node) == ("pcie-gen4", "ib-200", 1)
+    finally:
+        set_cluster(None)

@@ -168,7 +168,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     if strategy == "auto":
         from dist.sim import choose_strategy
 
-        strategy = choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout,
+        ranks = comm.group_ranks(group) if world > 1 else 1  # global ranks: where they are picks the link
+        strategy = choose_strategy(q.shape, k.shape, ranks, causal=causal, layout=layout,
                                    itemsize=q.element_size(), device_type=q.device.type)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -64,8 +64,8 @@ def _auto(q, k, causal, group, layout) -> str:
     world = comm.group_size(group) if dist.is_initialized() else 1
     if world == 1 or q.dim() != 4 or k.dim() != 4:
         return "auto"
-    return choose_strategy(q.shape, k.shape, world, causal=causal, layout=layout, itemsize=q.element_size(),
-                           device_type=q.device.type, candidates=SP_STRATEGIES)
+    return choose_strategy(q.shape, k.shape, comm.group_ranks(group), causal=causal, layout=layout,
+                           itemsize=q.element_size(), device_type=q.device.type, candidates=SP_STRATEGIES)
 
 
 def ring_attn_fn(group=None, strategy: str = "tokenring", layout: str = "zigzag"):

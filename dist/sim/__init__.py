@@ -1,13 +1,18 @@
 """Performance model for sequence-parallel attention (bytes and step times per strategy, per link).
 
-    from dist.sim import LinkProfile, load_link_profiles, LINK_PROFILES, Workload, predict
+    from dist.sim import Workload, predict, LINK_PROFILES, COMPUTE_PROFILES, choose_strategy
     python -m dist.sim            # where each strategy wins on NVLink / PCIe / InfiniBand
 """
 
-from .model import (COMPUTE_PROFILES, LINK_PROFILES, RING_STRATEGIES, STRATEGIES, ComputeProfile, LinkProfile,
-                    Prediction, Workload, bytes_per_rank, choose_strategy, default_link, format_table,
+from dist.plan import RING_STRATEGIES
+
+from .model import (COMPUTE_PROFILES, LINK_PROFILES, STRATEGIES, ComputeProfile, LinkProfile,
+                    Prediction, Workload, bytes_per_rank, default_compute, format_table,
                     link_profile, load_link_profiles, predict, schedule, where_each_wins)
+from .policy import choose_strategy
+from .topology import Cluster, cluster, default_cluster, set_cluster
 
 __all__ = ["LinkProfile", "ComputeProfile", "LINK_PROFILES", "COMPUTE_PROFILES", "STRATEGIES", "RING_STRATEGIES",
-           "Workload", "Prediction", "predict", "schedule", "bytes_per_rank", "choose_strategy", "default_link",
-           "link_profile", "load_link_profiles", "where_each_wins", "format_table"]
+           "Workload", "Prediction", "predict", "schedule", "bytes_per_rank", "choose_strategy", "default_compute",
+           "link_profile", "load_link_profiles", "where_each_wins", "format_table",
+           "Cluster", "cluster", "default_cluster", "set_cluster"]

@@ -1,43 +1,35 @@
 """Performance model of sequence-parallel attention: bytes per rank and step time per strategy.
 
-The model builds each strategy's schedule step by step, rank by rank, with the same block plan the
-implementation uses (dist.ringattn.layout.block), so bytes agree with what the code sends: per step
-and rank the block flops and the messages (src -> dst bytes). dist.sim.timeline then replays the
-schedule on an asynchronous per-rank timeline: a rank posts its step's messages, computes, and goes
-on when its compute is done, its messages in have arrived and its messages out are released (a
-sender is released while up to LinkProfile.send_buffer_bytes are still in socket buffers); messages
-flow at max-min fair rates over one NIC per rank (a switch) or one cable per pair (per_peer: a
-mesh), each direction at bandwidth_Bps, at `duplex` of it while the other direction carries data.
-all-gather and Ulysses do not overlap: their collectives wait for every rank and add to compute, at
-the collective rates the link profile measured.
+Built for what the runtime asks (the "auto" strategy, the planner, scaling past this machine):
 
-Compute comes from flops at a rate (ComputeProfile); what a schedule adds beyond its kernels'
-flops (smaller blocks, merges, gradient sums) is not modelled here, and the benchmarks measure it
-(a strategy's "-nocomm" run) and scale the rate to it. When the ranks share a host's CPU cores
-(ComputeProfile.cores: the testbed and loopback runs on one machine) the ranks computing at one
-moment share the cores, and messages and compute slow each other: a transfer waits for cores the
-ranks hold (TCP stack, veth/bridge forwarding, shaping, wake-ups) and takes CPU from them. The link
-profile carries both, measured on that link with every rank computing (benchmarks/bench_links.py's
-interference pattern: rate_while_computing f, compute_lost_while_moving g). On shared cores the
-network stack takes the cores the probe's ranks lost while bytes move, the computing ranks share
-the rest, and messages run at f while the cores are as busy as in the probe; with a device per
-rank a rank's compute loses g while its own messages move and they run at f while either end
-computes (dist/sim/timeline.py has the details). GPU links move bytes by DMA and each rank has its
-own device (cores = None, f = 1, g = 0, nothing buffered).
+- Messages: each strategy's schedule, step by step and rank by rank, from the plan the
+  implementation runs (dist.plan: block, relay_start, diag_parts), so bytes and messages per step
+  agree with what the code sends.
+- Compute: a kernel call of F forward flops takes `call_s + F / fwd_flops` (backward: 2.5 F at
+  bwd_flops). ComputeProfile.basis says where the rates come from: "measured" (fitted to kernel
+  timings on the device, benchmarks/bench_model.py) or "flops" (a peak at a stated efficiency).
+- Links: by where the group's ranks are (dist.sim.topology.Cluster: same node -> the intra-node
+  profile, NVLink or PCIe; across nodes -> the inter-node one, InfiniBand or Ethernet).
+- Overlap per ring step: dist.sim.timeline replays the schedule on a per-rank timeline, messages
+  as flows at max-min fair rates, compute beside them (a device per rank, DMA moves the bytes).
+  All-gather and Ulysses do not overlap: their collectives wait for every rank.
+
+What a schedule adds beyond its kernels (merges, gradient sums, copies) is not modelled; the
+validation (benchmarks/README.md) reports what that misses, out of sample.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from dist.plan import RING_STRATEGIES, SP_STRATEGIES, block, diag_parts, diag_tail, q_needed, relay_start
+from dist.plan import SP_STRATEGIES, block, diag_parts, q_needed, relay_start
 
 from .timeline import replay
 
 STRATEGIES = SP_STRATEGIES
 LSE_BYTES = 4  # lse is float32
+BWD_FLOPS = 2.5  # backward flops per forward flop (recompute of P, dV, dP, dQ, dK)
 
 
 @dataclass(frozen=True)
@@ -46,22 +38,10 @@ class LinkProfile:
 
     bandwidth_Bps: one-way bytes/s per rank; latency_s: per message; duplex: per-direction rate when
     both directions carry data at once, as a fraction of one-way (1.0 = full duplex);
-    alltoall_Bps: per-rank rate of an all-to-all (None: bandwidth_Bps * duplex); alltoall_calls_Bps:
-    the same for calls made back to back (Ulysses' q, k, v; None: alltoall_Bps): over TCP they ran
-    3-14% away from one call on the testbed (benchmarks/bench_links.py measures both);
-    rate_while_computing: the link's rate while the ranks compute on the cores its transfers also
-    need (ranks sharing a host), as a fraction of its idle rate (1 for DMA/RDMA links);
-    compute_lost_while_moving: the fraction of compute progress lost while the link carries data
-    (0 for DMA/RDMA links), the mean over ranks; compute_lost_slowest: the same for the most-slowed
-    rank (None: not measured, the mean). All measured per link setting with every rank computing
-    (benchmarks/bench_links.py's interference pattern), not constants of the machine;
-    per_peer: every pair of ranks has its own link (a mesh of cables, the testbed's mesh), so a
-    rank's messages to different peers do not share a rate; False: one NIC per rank (a switch);
-    allgather_Bps: bytes per second reaching each rank in an all-gather as the backend runs it (None:
-    modelled as a ring of shifts over bandwidth_Bps and duplex);
-    send_buffer_bytes: how much of a message is still on its way when its send completes (TCP socket
-    buffers: measured by benchmarks/bench_links.py; 0 for DMA/RDMA links, whose sends complete on
-    delivery).
+    alltoall_Bps: bytes leaving a rank per second in an all-to-all (None: bandwidth_Bps * duplex);
+    allgather_Bps: bytes reaching a rank per second in an all-gather (None: a ring of shifts over
+    bandwidth_Bps and duplex); per_peer: every pair of ranks has its own link (a mesh of cables:
+    a rank's messages to different peers do not share a rate); False: one NIC per rank.
     """
 
     name: str
@@ -72,29 +52,10 @@ class LinkProfile:
     source: str = ""
     per_peer: bool = False
     allgather_Bps: float | None = None
-    rate_while_computing: float = 1.0
-    compute_lost_while_moving: float = 0.0
-    send_buffer_bytes: float = 0.0
-    compute_lost_slowest: float | None = None
-    alltoall_calls_Bps: float | None = None
 
     def __post_init__(self):
         if self.bandwidth_Bps <= 0 or self.latency_s < 0 or not 0 < self.duplex <= 1:
             raise ValueError(f"link {self.name!r}: bandwidth_Bps must be > 0, latency_s >= 0 and duplex in (0, 1]")
-        if not 0 < self.rate_while_computing <= 1 or not 0 <= self.compute_lost_while_moving < 1:
-            raise ValueError(f"link {self.name!r}: rate_while_computing must be in (0, 1] and "
-                             f"compute_lost_while_moving in [0, 1)")
-        if self.send_buffer_bytes < 0:
-            raise ValueError(f"link {self.name!r}: send_buffer_bytes must be >= 0")
-        if self.compute_lost_slowest is not None and not (
-                self.compute_lost_while_moving <= self.compute_lost_slowest < 1):
-            raise ValueError(f"link {self.name!r}: compute_lost_slowest must be in "
-                             f"[compute_lost_while_moving, 1)")
-
-    @property
-    def lost_by_slowest(self) -> float:
-        """The most-slowed rank's fraction of compute lost while bytes move (the mean where not measured)."""
-        return self.compute_lost_while_moving if self.compute_lost_slowest is None else self.compute_lost_slowest
 
     def transfer_s(self, sent: float, recv: float, messages: int) -> float:
         """Time to send `sent` and receive `recv` bytes: the part both directions carry at once at the
@@ -105,12 +66,9 @@ class LinkProfile:
         return (messages * self.latency_s + both / (self.bandwidth_Bps * self.duplex)
                 + (max(sent, recv) - both) / self.bandwidth_Bps)
 
-    def alltoall_s(self, sent: float, messages: int, calls: int = 1) -> float:
-        """An all-to-all step in which a rank sends `sent` bytes in `calls` calls made back to back."""
-        rate = self.alltoall_Bps or self.bandwidth_Bps * self.duplex
-        if calls > 1 and self.alltoall_calls_Bps:
-            rate = self.alltoall_calls_Bps
-        return messages * self.latency_s + sent / rate
+    def alltoall_s(self, sent: float, messages: int) -> float:
+        """An all-to-all in which a rank sends `sent` bytes (one call: a latency per peer message)."""
+        return messages * self.latency_s + sent / (self.alltoall_Bps or self.bandwidth_Bps * self.duplex)
 
     def allgather_s(self, recv: float, messages: int, world: int) -> float:
         """An all-gather in which each rank receives `recv` bytes (and sends its own share on)."""
@@ -118,31 +76,45 @@ class LinkProfile:
             return messages * self.latency_s + recv / self.allgather_Bps
         if world <= 2:  # next == prev: both directions share one connection, as in an all-to-all
             return self.alltoall_s(recv, messages)
-        # gloo's all-gather is a ring: a rank sends to next while it receives from prev (a shift); on
-        # per-peer links next and prev are different links, so each carries one direction
+        # a ring: a rank sends to next while it receives from prev (a shift); on per-peer links next
+        # and prev are different links, so each carries one direction
         return self.transfer_s(recv, 0 if self.per_peer else recv, messages)
+
+
+COMPUTE_BASES = ("measured", "flops")
 
 
 @dataclass(frozen=True)
 class ComputeProfile:
-    """Attention kernel speed: flop/s of the forward and of the backward (backward flops = 2.5 x forward)
-    of one rank; cores: the number of CPU cores all ranks share (None: a device per rank, a GPU)."""
+    """Attention kernel time on one device (one rank): a kernel call of F forward flops takes
+    call_s + F / fwd_flops forward and call_s + 2.5 F / bwd_flops backward.
+
+    basis: "measured" (rates and call_s fitted to kernel timings on the device) or "flops" (a peak
+    at a stated efficiency); source says which measurement or which peak and efficiency.
+    """
 
     name: str
     fwd_flops: float
     bwd_flops: float
     source: str = ""
-    cores: float | None = None
+    call_s: float = 0.0
+    basis: str = "flops"
 
-    def shared(self, cores: float, slowdown: float = 1.0) -> "ComputeProfile":
-        """This profile for single-threaded ranks that all run on `cores` cores of one machine (the
-        testbed's "hosts", loopback runs): dist.sim.timeline shares the cores among the ranks
-        computing at each moment (after the network stack's share while bytes move).
-        slowdown: how much slower the kernel runs when every rank computes at once than alone (shared
-        caches, memory bandwidth and, beyond `cores` ranks, time slices), measured by the caller."""
-        return replace(self, cores=float(cores), fwd_flops=self.fwd_flops / slowdown,
-                       bwd_flops=self.bwd_flops / slowdown,
-                       source=f"{self.source}; ranks share {cores:g} cores, {slowdown:.3f}x slower all at once")
+    def __post_init__(self):
+        if self.fwd_flops <= 0 or self.bwd_flops <= 0 or self.call_s < 0:
+            raise ValueError(f"compute {self.name!r}: fwd_flops and bwd_flops must be > 0, call_s >= 0")
+        if self.basis not in COMPUTE_BASES:
+            raise ValueError(f"compute {self.name!r}: basis must be one of {COMPUTE_BASES}, got {self.basis!r}")
+
+    @classmethod
+    def at_efficiency(cls, name: str, peak_flops: float, fwd: float, bwd: float, source: str) -> "ComputeProfile":
+        """A device's attention kernels at fractions `fwd` / `bwd` of its peak flop/s."""
+        return cls(name, peak_flops * fwd, peak_flops * bwd,
+                   f"{source}; {fwd:.0%} (fwd) / {bwd:.0%} (bwd) of {peak_flops / 1e12:g} TFLOP/s", basis="flops")
+
+    def seconds(self, flops: float, kernels: int, backward: bool) -> float:
+        """Time of `kernels` kernel calls that do `flops` flops in all (backward: flops already x 2.5)."""
+        return kernels * self.call_s + flops / (self.bwd_flops if backward else self.fwd_flops)
 
 
 FREE_LINK = LinkProfile("free", 1e30, 0.0, alltoall_Bps=1e30, allgather_Bps=1e30)  # messages cost nothing
@@ -156,18 +128,18 @@ LINK_PROFILES = {
         LinkProfile("pcie-gen5", 48e9, 10e-6, 0.8, 36e9, "PCIe Gen5 x16 P2P, ~75% of 64 GB/s; bidirectional 80%"),
         LinkProfile("ib-200", 23e9, 5e-6, 1.0, 20e9, "InfiniBand HDR 200 Gb/s, one NIC per GPU"),
         LinkProfile("ib-400", 46e9, 5e-6, 1.0, 40e9, "InfiniBand NDR 400 Gb/s, one NIC per GPU"),
-        LinkProfile("gloo-loopback", 1.2e9, 300e-6, 1.0, None, "rough: gloo TCP on one host's loopback "
-                    "(DIST_SHM=0); benchmarks/bench_ringattn.py measures it"),
-        LinkProfile("cpu-shm", 3.4e9, 150e-6, 1.0, None, "rough: ranks of one host over dist.comm's shared "
-                    "memory; benchmarks/bench_ringattn.py measures it"),
+        LinkProfile("tcp-10g", 1.1e9, 50e-6, 1.0, None, "rough: 10 GbE TCP between hosts, ~90% of 1.25 GB/s"),
+        LinkProfile("gloo-loopback", 1.2e9, 300e-6, 1.0, None, "rough: gloo TCP on one host's loopback; "
+                    "benchmarks/bench_model.py probes it"),
     ]
 }
 
 COMPUTE_PROFILES = {
     p.name: p for p in [
-        ComputeProfile("h100-bf16", 350e12, 250e12, "FlashAttention-2-class kernel on H100, bf16, long blocks"),
+        ComputeProfile.at_efficiency("h100-bf16", 989e12, 0.35, 0.25,
+                                     "FlashAttention-2-class kernel on H100 SXM, bf16, long blocks"),
         ComputeProfile("cpu-1-thread", 43e9, 43e9, "torch CPU flash kernel, fp32, one thread (NOTES: 1.396 s "
-                       "for s=4096, 8 heads, d=64 causal fwd+bwd)"),
+                       "for s=4096, 8 heads, d=64 causal fwd+bwd)", basis="measured"),
     ]
 }
 
@@ -185,22 +157,15 @@ def link_profile(entry: dict) -> LinkProfile:
     missing = [key for key in ("name", "bandwidth_Bps", "latency_s") if entry.get(key) is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-
     return LinkProfile(
         name=entry["name"], bandwidth_Bps=number("bandwidth_Bps"), latency_s=number("latency_s"),
         duplex=number("duplex", 1.0), alltoall_Bps=number("alltoall_Bps"), source=str(entry.get("source", "")),
-        per_peer=entry.get("per_peer", False), allgather_Bps=number("allgather_Bps"),
-        rate_while_computing=number("rate_while_computing", 1.0),
-        compute_lost_while_moving=number("compute_lost_while_moving", 0.0),
-        send_buffer_bytes=number("send_buffer_bytes") or 0.0,
-        compute_lost_slowest=number("compute_lost_slowest"), alltoall_calls_Bps=number("alltoall_calls_Bps"))
+        per_peer=entry.get("per_peer", False), allgather_Bps=number("allgather_Bps"))
 
 
 def load_link_profiles(path) -> dict[str, LinkProfile]:
     """Read {"profiles": [{"name", "bandwidth_Bps", "latency_s", "duplex", "alltoall_Bps", "allgather_Bps",
-    "per_peer", "rate_while_computing", "compute_lost_while_moving", "compute_lost_slowest",
-    "send_buffer_bytes", "alltoall_calls_Bps"}, ...]} (all but the first three
-    optional)."""
+    "per_peer", "source"}, ...]} (all but the first three optional)."""
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
@@ -227,7 +192,7 @@ class Workload:
     causal: bool = True
     layout: str = "zigzag"
     itemsize: int = 2
-    diag_tail: float = 0.5  # TokenRing's last local part, a fraction of the rows (layout.diag_tail: 0.5 on CUDA)
+    diag_tail: float = 0.5  # TokenRing's last local part, a fraction of the rows (dist.plan.diag_tail)
 
     @property
     def acc_itemsize(self) -> int:
@@ -247,16 +212,13 @@ class Workload:
         blk = block(a, b, self.local_seq, self.layout, self.causal)
         if blk is None:
             return 0.0
-        rows, cols = self.local_seq - blk.q_start, blk.k_stop - blk.k_start
-        pairs = rows * (rows + 1) / 2 if blk.causal else rows * cols
-        return 4.0 * self.batch * self.heads_q * self.head_dim * pairs
+        return self.part_flops(blk.q_start, blk.k_start, blk.k_stop, blk.causal)
 
-
-    def diag_part_flops(self, q_start: int, k_start: int, k_stop: int) -> float:
-        """Forward flops of one part of a rank's own block (see layout.diag_parts): query rows
-        [q_start, n) with keys [k_start, k_stop), top-left causal when causal."""
+    def part_flops(self, q_start: int, k_start: int, k_stop: int, causal: bool) -> float:
+        """Forward flops of query rows [q_start, local_seq) with keys [k_start, k_stop), top-left causal
+        when `causal` (row i sees min(i + 1, cols) keys: dist.plan.diag_parts)."""
         rows, cols = self.local_seq - q_start, k_stop - k_start
-        if self.causal:  # row i sees min(i + 1, cols) keys
+        if causal:
             pairs = rows * (rows + 1) / 2 if rows <= cols else cols * (cols + 1) / 2 + (rows - cols) * cols
         else:
             pairs = rows * cols
@@ -265,8 +227,8 @@ class Workload:
 
 @dataclass
 class Step:
-    """One step of a schedule: per-rank flops (forward-equivalent x factor), bytes sent/received, messages;
-    pairs: {(src, dst): bytes} of the point-to-point messages (what per-peer links need)."""
+    """One step of a schedule: per rank its forward-equivalent flops (x 2.5 backward), kernel calls,
+    bytes sent/received and messages; pairs: {(src, dst): bytes} of the point-to-point messages."""
 
     flops: list = field(default_factory=list)
     sent: list = field(default_factory=list)
@@ -274,20 +236,25 @@ class Step:
     messages: list = field(default_factory=list)
     pairs: dict = field(default_factory=dict)
     overlapped: bool = True  # False: a collective that neither overlaps nor is overlapped
-    collective: str = "all_to_all"  # when not overlapped: "all_to_all", or "all_gather" (a ring, as gloo runs it)
-    calls: int = 1  # collective calls made back to back in this step (Ulysses: one per tensor)
+    collective: str = "all_to_all"  # when not overlapped: "all_to_all", or "all_gather"
+    kernels: list = field(default_factory=list)
 
+    @classmethod
+    def empty(cls, p: int) -> "Step":
+        return cls([0.0] * p, [0] * p, [0] * p, [0] * p, kernels=[0] * p)
 
-def _new_step(p: int) -> Step:
-    return Step([0.0] * p, [0] * p, [0] * p, [0] * p)
+    def compute(self, r: int, flops: float) -> None:
+        """Rank r runs one kernel call of `flops` (nothing when the block is empty)."""
+        if flops:
+            self.flops[r] += flops
+            self.kernels[r] += 1
 
-
-def _send(step: Step, src: int, dst: int, nbytes: int) -> None:
-    if nbytes:
-        step.pairs[(src, dst)] = step.pairs.get((src, dst), 0) + nbytes
-        step.sent[src] += nbytes
-        step.recv[dst] += nbytes
-        step.messages[src] += 1
+    def send(self, src: int, dst: int, nbytes: int) -> None:
+        if nbytes:
+            self.pairs[(src, dst)] = self.pairs.get((src, dst), 0) + nbytes
+            self.sent[src] += nbytes
+            self.recv[dst] += nbytes
+            self.messages[src] += 1
 
 
 def _tokenring(w: Workload, backward: bool) -> list[Step]:
@@ -295,88 +262,88 @@ def _tokenring(w: Workload, backward: bool) -> list[Step]:
     p, n = w.world, w.local_seq
     travel = 2 * (w.q_row() + w.lse_row()) if backward else w.q_row()  # per query row: Q (and dO, lse, D)
     back = w.q_row() if backward else w.q_row() + w.lse_row()           # per row of a returned result
-    factor = 2.5 if backward else 1.0
+    factor = BWD_FLOPS if backward else 1.0
     parts = diag_parts(n, w.causal, w.diag_tail if p > 1 else 0.0)
     steps = []
     for t in range(p + 1 if p > 1 else 1):
-        s = _new_step(p)
+        s = Step.empty(p)
         for r in range(p):
             a = (r + t) % p
             if t == 0:
-                s.flops[r] = factor * w.diag_part_flops(*parts[0])
+                s.compute(r, factor * w.part_flops(*parts[0], w.causal))
             elif t < p:
-                s.flops[r] = factor * w.block_flops(a, r)
-            else:
-                s.flops[r] = factor * w.diag_part_flops(*parts[1]) if len(parts) > 1 else 0.0
+                s.compute(r, factor * w.block_flops(a, r))
+            elif len(parts) > 1:
+                s.compute(r, factor * w.part_flops(*parts[1], w.causal))
             if t < p - 1:
-                _send(s, r, (r - 1) % p, (n - relay_start(a, r, p, n, w.layout, w.causal)) * travel)
+                s.send(r, (r - 1) % p, (n - relay_start(a, r, p, n, w.layout, w.causal)) * travel)
             if t >= 2:  # results of step t-1 go back to their owner
-                _send(s, r, (r + t - 1) % p, (n - q_needed((r + t - 1) % p, r, n, w.layout, w.causal)) * back)
+                s.send(r, (r + t - 1) % p, (n - q_needed((r + t - 1) % p, r, n, w.layout, w.causal)) * back)
         steps.append(s)
     return steps
 
 
 def _ring(w: Workload, backward: bool) -> list[Step]:
     p, n = w.world, w.local_seq
-    factor = 2.5 if backward else 1.0
+    factor = BWD_FLOPS if backward else 1.0
     dkv = n * w.kv_row() // w.itemsize * w.acc_itemsize
     steps = []
     for t in range(p):
-        s = _new_step(p)
+        s = Step.empty(p)
         for r in range(p):
-            s.flops[r] = factor * w.block_flops(r, (r - t) % p)
+            s.compute(r, factor * w.block_flops(r, (r - t) % p))
             if t < p - 1:
-                _send(s, r, (r + 1) % p, n * w.kv_row())
+                s.send(r, (r + 1) % p, n * w.kv_row())
             if backward and t >= 1:  # the dK/dV accumulator of the previous step
-                _send(s, r, (r + 1) % p, dkv)
+                s.send(r, (r + 1) % p, dkv)
         steps.append(s)
     if backward and p > 1:
-        s = _new_step(p)
+        s = Step.empty(p)
         for r in range(p):
-            _send(s, r, (r + 1) % p, dkv)
+            s.send(r, (r + 1) % p, dkv)
         steps.append(s)
     return steps
+
+
+def _collective(p: int, nbytes: float, kind: str) -> Step:
+    """A blocking collective in which every rank sends and receives `nbytes`: an all-to-all posts its
+    peer messages at once (one latency), an all-gather runs as a ring of p - 1 shifts."""
+    s = Step.empty(p)
+    s.overlapped, s.collective = False, kind
+    for r in range(p):
+        s.sent[r] = s.recv[r] = int(nbytes)
+        s.messages[r] = p - 1 if kind == "all_gather" else 1
+    return s
 
 
 def _allgather(w: Workload, backward: bool) -> list[Step]:
     p, n = w.world, w.local_seq
-    size = n * w.kv_row() if not backward else n * w.kv_row() // w.itemsize * w.acc_itemsize
-    coll = _new_step(p)
-    coll.overlapped = False
-    coll.collective = "all_to_all" if backward else "all_gather"  # dK/dV go back by all_to_all (a reduce-scatter)
+    comp = Step.empty(p)
     for r in range(p):
-        coll.sent[r] = coll.recv[r] = (p - 1) * size
-        coll.messages[r] = p - 1
-    comp = _new_step(p)
-    for r in range(p):
-        comp.flops[r] = (2.5 if backward else 1.0) * sum(w.block_flops(r, b) for b in range(p))
-    steps = [comp, coll] if backward else [coll, comp]
-    return steps if p > 1 else [comp]
+        for b in range(p):  # one kernel call per visible block of the gathered K/V
+            comp.compute(r, (BWD_FLOPS if backward else 1.0) * w.block_flops(r, b))
+    if p == 1:
+        return [comp]
+    if not backward:
+        return [_collective(p, (p - 1) * n * w.kv_row(), "all_gather"), comp]
+    dkv = (p - 1) * n * w.kv_row() // w.itemsize * w.acc_itemsize  # dK/dV back by one all-to-all
+    return [comp, _collective(p, dkv, "all_to_all")]
 
 
 def _ulysses(w: Workload, backward: bool) -> list[Step]:
+    """All-to-all (q, k, v packed in one call; backward: dO), attention on heads/p over the whole
+    sequence, all-to-all back (out; backward: dq, dk, dv packed in one call)."""
     p, n = w.world, w.local_seq
     share = (p - 1) / p
-    if not backward:
-        first = n * (w.q_row() + w.kv_row()) * share   # q, k, v scatter heads / gather sequence
-        last = n * w.q_row() * share                     # out back
-    else:
-        first = n * w.q_row() * share                    # dout
-        last = n * (w.q_row() + w.kv_row()) * share      # dq, dk, dv
-    calls = (3, 1) if not backward else (1, 3)           # one all_to_all per tensor, one after another
-    total_flops = sum(w.block_flops(a, b) for a in range(p) for b in range(p)) / p * (2.5 if backward else 1.0)
-    steps = []
-    for nbytes, flops, n_calls in ((first, 0.0, calls[0]), (0, total_flops, 0), (last, 0.0, calls[1])):
-        s = _new_step(p)
-        s.overlapped = nbytes == 0
-        s.calls = n_calls or 1
-        for r in range(p):
-            s.flops[r] = flops
-            s.sent[r] = s.recv[r] = int(nbytes) if p > 1 else 0
-            # a latency per call: the backend posts a call's p - 1 peer messages at once
-            s.messages[r] = n_calls if nbytes and p > 1 else 0
-        steps.append(s)
-    return steps
+    qkv, q = n * (w.q_row() + w.kv_row()) * share, n * w.q_row() * share
+    comp = Step.empty(p)
+    full = sum(w.block_flops(a, b) for a in range(p) for b in range(p)) / p
+    for r in range(p):
+        comp.compute(r, (BWD_FLOPS if backward else 1.0) * full)
+    if p == 1:
+        return [comp]
+    first, last = (q, qkv) if backward else (qkv, q)
+    return [_collective(p, first, "all_to_all"), comp, _collective(p, last, "all_to_all")]
 
 
 _SCHEDULES = {"tokenring": _tokenring, "ring": _ring, "allgather": _allgather, "ulysses": _ulysses}
@@ -417,58 +384,16 @@ class Prediction:
         return self.total_s / self.compute_s - 1.0 if self.compute_s else 0.0
 
 
-def _time(steps: list[Step], link: LinkProfile, compute: ComputeProfile, backward: bool) -> tuple[float, float]:
-    """(modelled time of one pass, the same pass with free messages: its compute alone)."""
-    return replay(steps, link, compute, backward), replay(steps, FREE_LINK, compute, backward)
-
-
 def predict(strategy: str, w: Workload, link: LinkProfile, compute: ComputeProfile) -> Prediction:
     """Modelled forward + backward time of one attention call on every rank."""
-    fwd, cf = _time(schedule(strategy, w, False), link, compute, False)
-    bwd, cb = _time(schedule(strategy, w, True), link, compute, True)
-    return Prediction(strategy, fwd, bwd, cf + cb, max(bytes_per_rank(strategy, w)))
+    fwd, bwd = schedule(strategy, w, False), schedule(strategy, w, True)
+    return Prediction(strategy, replay(fwd, link, compute, False), replay(bwd, link, compute, True),
+                      replay(fwd, FREE_LINK, compute, False) + replay(bwd, FREE_LINK, compute, True),
+                      max(bytes_per_rank(strategy, w)))
 
 
-def default_link(device_type: str = "cpu") -> LinkProfile:
-    """$DIST_LINK_PROFILE (a built-in name) if set, else nvlink-h100 for CUDA and for CPU cpu-shm
-    (gloo-loopback with DIST_SHM=0)."""
-    import os
-
-    cpu = "gloo-loopback" if os.environ.get("DIST_SHM", "1") == "0" else "cpu-shm"
-    name = os.environ.get("DIST_LINK_PROFILE") or ("nvlink-h100" if device_type == "cuda" else cpu)
-    if name not in LINK_PROFILES:
-        raise ValueError(f"DIST_LINK_PROFILE must be one of {sorted(LINK_PROFILES)}, got {name!r}")
-    return LINK_PROFILES[name]
-
-
-def choose_strategy(q_shape, k_shape, world: int, *, causal: bool = True, layout: str = "zigzag",
-                    itemsize: int = 4, device_type: str = "cpu", link: LinkProfile | None = None,
-                    compute: ComputeProfile | None = None, candidates=RING_STRATEGIES) -> str:
-    """The "auto" policy, for ring_attention and wrap_model alike: the strategy among `candidates` with
-    the lowest modelled time (ties: fewest bytes, then the first candidate; tokenring leads the
-    default ring strategies). Ulysses is a candidate only where the group size divides both head
-    counts. The same answer on every rank (a pure function of the call's shapes).
-
-    q_shape: [batch, local_seq, heads_q, dim]; k_shape: [batch, local_seq, heads_kv, dim].
-    link: default_link(device_type); compute: h100-bf16 for CUDA, cpu-1-thread otherwise.
-    """
-    if world == 1:
-        return "tokenring"
-    if q_shape[2] % world or k_shape[2] % world:
-        candidates = tuple(c for c in candidates if c != "ulysses")
-    link = link or default_link(device_type)
-    compute = compute or COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
-    w = Workload(q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], world, causal, layout, itemsize,
-                 diag_tail=diag_tail(device_type))
-    return _fastest(w, link, compute, tuple(candidates))
-
-
-@functools.lru_cache(maxsize=256)
-def _fastest(w: Workload, link: LinkProfile, compute: ComputeProfile, candidates: tuple) -> str:
-    """choose_strategy's pick, once per distinct call (every layer of a model asks with the same shapes)."""
-    preds = [predict(s, w, link, compute) for s in candidates]
-    best = min(preds, key=lambda p: (round(p.total_s, 9), p.bytes_per_rank))
-    return best.strategy
+def default_compute(device_type: str) -> ComputeProfile:
+    return COMPUTE_PROFILES["h100-bf16" if device_type == "cuda" else "cpu-1-thread"]
 
 
 def where_each_wins(links=None, compute: ComputeProfile | None = None, worlds=(2, 4, 8),

@@ -1,0 +1,361 @@
+"""Validation of the performance model (dist.sim), out of sample.
+
+1. Kernel timings, once, on one rank alone: attention forward and backward of blocks of several
+   shapes; a least-squares fit of `call_s + flops / rate` (forward and backward) gives a measured
+   ComputeProfile.
+2. Link probe, once, over a 2-rank group: 64-byte exchange (latency), one-way send, both ways at
+   once (duplex), all-to-all and all-gather (their rates), with messages unlike any strategy's.
+3. Predictions for configurations neither step used (every strategy, P = 2..4, several sequence
+   lengths), written down before the runs; then each configuration runs (forward + backward, the
+   slowest rank's time, median of --repeats) and the error per point is reported with the median
+   and worst |error| per link type and per P. No refitting per point.
+
+The one testbed effect applied: P single-threaded ranks on C < P cores compute at C/P of a core
+(`on_shared_cores`); everything else (the network stack's CPU time, caches shared by ranks) is
+left in the error, where it shows.
+
+    python benchmarks/bench_model.py                      # loopback, spawns P = 2, 3, 4
+    python benchmarks/bench_model.py --quick              # smoke test
+    torchrun --nproc-per-node P benchmarks/bench_model.py --link-profile FILE   # an existing job
+
+Writes benchmarks/results/bench_model.json and a dated markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist import comm  # noqa: E402
+from dist.kernels import attention_backward, attention_forward  # noqa: E402
+from dist.plan import SP_STRATEGIES, diag_tail  # noqa: E402
+from dist.ringattn import shard  # noqa: E402
+from dist.seqpar import sp_attention  # noqa: E402
+from dist.sim import ComputeProfile, LinkProfile, Workload, load_link_profiles, predict  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worlds", default="2,3,4", help="comma list of P (spawned on this host)")
+    ap.add_argument("--seq-lens", default="1536,2304,3072", help="global sequence lengths (divisible by 2P)")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--strategies", default=",".join(SP_STRATEGIES))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--probe-bytes", type=int, default=8 << 20, help="message size of the link probe")
+    ap.add_argument("--link-profile", help="JSON link profiles (dist.sim format): use the first instead of probing")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU cores the ranks share")
+    ap.add_argument("--label", default="", help="recorded with the results (e.g. the testbed setting)")
+    ap.add_argument("--json", default=str(RESULTS / "bench_model.json"))
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, nothing written")
+    args = ap.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.quick:
+        args.seq_lens, args.heads, args.kv_heads, args.head_dim = "96", 4, 4, 16
+        args.repeats, args.warmup, args.probe_bytes = 1, 0, 1 << 16
+    unknown = set(args.strategies.split(",")) - set(SP_STRATEGIES)
+    if unknown:
+        ap.error(f"--strategies: unknown {', '.join(sorted(unknown))}; known: {', '.join(SP_STRATEGIES)}")
+    return args
+
+
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls after a warm-up: the kernel's speed least disturbed by other
+    work on the machine."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of t = call_s + flops / rate over (flops, t) samples, each weighted by 1 / t^2
+    (relative errors, so small blocks pin call_s and large ones the rate) -> (rate, call_s >= 0)."""
+    w = [1.0 / t ** 2 for _, t in samples]
+    sw, swf = sum(w), sum(wi * f for wi, (f, _) in zip(w, samples))
+    swff = sum(wi * f * f for wi, (f, _) in zip(w, samples))
+    swt, swft = sum(wi * t for wi, (_, t) in zip(w, samples)), sum(wi * f * t for wi, (f, t) in zip(w, samples))
+    det = sw * swff - swf * swf
+    call_s, slope = (swt * swff - swf * swft) / det, (sw * swft - swf * swt) / det
+    if call_s < 0 or slope <= 0:  # a negative fixed cost (or rate) is noise: fit through zero
+        call_s, slope = 0.0, swft / swff
+    return 1.0 / slope, call_s
+
+
+def measure_compute(args, sizes=(128, 256, 512, 1024, 2048)) -> tuple[ComputeProfile, list[dict]]:
+    """Kernel timings of blocks (rows x rows, causal and not) on this rank alone, one thread; the fit."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1)
+    samples, rows = {"fwd": [], "bwd": []}, []
+    for n in (32, 64) if args.quick else sizes:
+        q = torch.randn(1, n, args.heads, args.head_dim, generator=g)
+        k, v = (torch.randn(1, n, args.kv_heads, args.head_dim, generator=g) for _ in range(2))
+        for causal in (False, True):
+            out, lse = attention_forward(q, k, v, causal=causal)
+            reps = max(1, args.repeats)
+            fwd = _best_time(lambda: attention_forward(q, k, v, causal=causal), reps)
+            bwd = _best_time(lambda: attention_backward(out, q, k, v, out, lse, causal=causal), reps)
+            w = Workload(1, n, args.heads, args.kv_heads, args.head_dim, 1, causal, "contiguous", 4)
+            flops = w.block_flops(0, 0)
+            samples["fwd"].append((flops, fwd))
+            samples["bwd"].append((2.5 * flops, bwd))
+            rows.append(dict(rows=n, causal=causal, flops=flops, fwd_s=fwd, bwd_s=bwd))
+    (fwd_rate, fwd_call), (bwd_rate, bwd_call) = _fit(samples["fwd"]), _fit(samples["bwd"])
+    profile = ComputeProfile("measured-kernels", fwd_rate, bwd_rate,
+                             f"fitted to {len(rows)} block timings (fwd and bwd) on {socket.gethostname()}, one thread",
+                             call_s=(fwd_call + bwd_call) / 2, basis="measured")
+    return profile, rows
+
+
+def on_shared_cores(c: ComputeProfile, ranks: int, cores: int) -> ComputeProfile:
+    """The testbed's CPU effect: `ranks` single-threaded ranks on fewer `cores` each get cores/ranks of
+    a core while all compute (what a device per rank never sees)."""
+    k = max(1.0, ranks / cores)
+    if k == 1.0:
+        return c
+    return replace(c, fwd_flops=c.fwd_flops / k, bwd_flops=c.bwd_flops / k, call_s=c.call_s * k,
+                   source=f"{c.source}; {ranks} ranks on {cores} cores: x{k:g} time")
+
+
+def probe_link(nbytes: int, repeats: int, name: str) -> LinkProfile:
+    """Every rank of the job calls it; ranks 0 and 1 carry the point-to-point patterns, every rank the
+    collectives. Times: the slowest rank's, median over repeats."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    peer = 1 - rank if rank < 2 else None
+    big, small = torch.zeros(nbytes // 4), torch.zeros(16)
+
+    def p2p(buf, both):
+        ex = comm.Exchange()
+        if peer is not None:
+            if rank == 0 or both:
+                ex.send(buf, peer, "probe")
+            if rank == 1 or both:
+                ex.recv(torch.empty_like(buf), peer)
+        ex.start()
+        ex.wait()
+
+    chunk = torch.zeros(world, nbytes // 4 // world)  # [P, ...]: slice i goes to rank i
+    patterns = {"latency": lambda: p2p(small, True), "send": lambda: p2p(big, False),
+                "exchange": lambda: p2p(big, True), "alltoall": lambda: comm.all_to_all(chunk, None, "probe"),
+                "allgather": lambda: comm.all_gather(big, None, "probe")}
+    t = {}
+    for key, fn in patterns.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times.append(dt.item())
+        t[key] = statistics.median(times)
+    comm.counters.reset()
+    lat = t["latency"]
+    bw = nbytes / max(t["send"] - lat, 1e-9)
+    both = nbytes / max(t["exchange"] - lat, 1e-9)
+    a2a = chunk.numel() * 4 * (world - 1) / world / max(t["alltoall"] - lat, 1e-9)
+    ag = nbytes * (world - 1) / max(t["allgather"] - (world - 1) * lat, 1e-9)
+    return LinkProfile(name, bw, lat, min(1.0, both / bw), a2a, f"probed by bench_model: {world} ranks, "
+                       f"{nbytes} B messages, {socket.gethostname()}", allgather_Bps=ag)
+
+
+def run_configs(args, world: int) -> list[dict]:
+    """Every rank runs every (seq_len, strategy) of this P; rank 0 returns the measured rows."""
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    out = []
+    for seq in (int(s) for s in args.seq_lens.split(",")):
+        if seq % (2 * world):
+            raise ValueError(f"--seq-lens: {seq} is not divisible by 2 * P = {2 * world}")
+        g = torch.Generator().manual_seed(seq)
+        full = [torch.randn(1, seq, h, args.head_dim, generator=g) for h in
+                (args.heads, args.kv_heads, args.kv_heads, args.heads)]
+        mine = [shard(x, 1, rank, world, "zigzag") for x in full]
+        steps = {}
+        for strategy in args.strategies.split(","):
+            if strategy == "ulysses" and args.heads % world:
+                continue
+
+            def step(strategy=strategy):
+                q, k, v = (x.clone().requires_grad_() for x in mine[:3])
+                sp_attention(q, k, v, causal=True, strategy=strategy, layout="zigzag").backward(mine[3])
+
+            steps[strategy] = step
+        times = {name: [] for name in steps}
+        for i in range(args.warmup + args.repeats):  # interleaved rounds: load changes hit all alike
+            for name, fn in steps.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                if i >= args.warmup:
+                    times[name].append(dt.item())
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            out.append(dict(world=world, seq_len=seq, strategy=name, measured_s=med, min_s=min(ts),
+                            spread=(max(ts) - min(ts)) / med))
+    return out
+
+
+def _probe(args) -> LinkProfile:
+    return probe_link(args.probe_bytes, max(3, 2 * args.repeats), "gloo-loopback-probed")
+
+
+def _worker(rank, world, port, task, args, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        res = task(args) if task is _probe else task(args, world)
+        if rank == 0:
+            torch.save(res, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(task, args, world):
+    """task(args) (or task(args, world)) on `world` fresh gloo ranks of this host; rank 0's result."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.pt")
+        try:
+            mp.spawn(_worker, args=(world, port, task, args, out), nprocs=world)
+        except mp.ProcessExitedException as e:  # a rank that aborts at exit (issue 15): keep what rank 0 saved
+            if not os.path.exists(out):
+                raise
+            print(f"warning: {e}; rank 0 had saved its results", flush=True)
+        return torch.load(out, weights_only=False)
+
+
+def predict_rows(args, rows: list[dict], link: LinkProfile, compute: ComputeProfile) -> list[dict]:
+    """Each measured row with the model's prediction (error = predicted / measured - 1)."""
+    for r in rows:
+        p = r["world"]
+        w = Workload(1, r["seq_len"] // p, args.heads, args.kv_heads, args.head_dim, p, True, "zigzag", 4,
+                     diag_tail=diag_tail("cpu"))
+        pred = predict(r["strategy"], w, link, on_shared_cores(compute, p, args.cores))
+        r.update(predicted_s=pred.total_s, predicted_compute_s=pred.compute_s, link=link.name,
+                 error=pred.total_s / r["measured_s"] - 1.0, error_vs_min=pred.total_s / r["min_s"] - 1.0)
+    return rows
+
+
+def summary(rows: list[dict], key: str, error: str = "error") -> list[dict]:
+    """Median and worst |error| of the rows grouped by `key` (error: the row field compared)."""
+    out = []
+    for value in sorted({r[key] for r in rows}, key=str):
+        errs = [r[error] for r in rows if r[key] == value]
+        worst = max(errs, key=abs)
+        out.append({key: value, "points": len(errs), "median_abs_error": statistics.median(abs(e) for e in errs),
+                    "worst_error": worst, "within_10pct": sum(abs(e) <= 0.10 for e in errs)})
+    return out
+
+
+def report(args, doc: dict) -> str:
+    lines = [f"# dist.sim out of sample, {doc['date'][:10]}", "",
+             f"Machine: {doc['machine']}. {args.label}".rstrip(), "",
+             f"Causal zigzag attention fwd+bwd, batch 1, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
+             f"fp32, one thread per rank, {args.repeats} repeats after {args.warmup} warm-up; the slowest rank's "
+             f"time. Compute: {doc['compute']['source']} (fwd {doc['compute']['fwd_flops'] / 1e9:.1f}, "
+             f"bwd {doc['compute']['bwd_flops'] / 1e9:.1f} GFLOP/s, {doc['compute']['call_s'] * 1e6:.0f} us a call). "
+             f"Link: {doc['link']['name']}, {doc['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, "
+             f"{doc['link']['latency_s'] * 1e6:.0f} us, duplex {doc['link']['duplex']:.2f}, all-to-all "
+             f"{(doc['link']['alltoall_Bps'] or 0) / 1e9:.2f} GB/s, all-gather "
+             f"{(doc['link']['allgather_Bps'] or 0) / 1e9:.2f} GB/s ({doc['link']['source']}).", "",
+             "error = predicted / median - 1; error vs best = predicted / fastest repeat - 1 (the run least "
+             "disturbed by other work on the machine; kernel timings are the fastest of their repeats too).", "",
+             "load: the machine's 1-minute load average when that P's runs ended (all jobs on it, "
+             "not only this benchmark's ranks).", "",
+             "| P | seq | strategy | median s | spread | best s | predicted s | error | error vs best | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        load = f"{r['load']:.1f}" if "load" in r else "-"
+        lines.append(f"| {r['world']} | {r['seq_len']} | {r['strategy']} | {r['measured_s']:.3f} | "
+                     f"{100 * r['spread']:.0f}% | {r['min_s']:.3f} | {r['predicted_s']:.3f} | "
+                     f"{100 * r['error']:+.1f}% | {100 * r['error_vs_min']:+.1f}% | {load} |")
+    for name, errors in doc["summary"].items():
+        for key in ("link", "world"):
+            lines += ["", f"| {key} | points | median abs {name} | worst {name} | within 10% |",
+                      "|---|---|---|---|---|"]
+            for s in errors[key]:
+                lines.append(f"| {s[key]} | {s['points']} | {100 * s['median_abs_error']:.1f}% | "
+                             f"{100 * s['worst_error']:+.1f}% | {s['within_10pct']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    load_start = os.getloadavg()[0]
+    loaded = next(iter(load_link_profiles(args.link_profile).values())) if args.link_profile else None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this job's ranks
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+        try:
+            rank = dist.get_rank()
+            compute, kernel_rows = measure_compute(args) if rank == 0 else (None, None)  # alone: others wait
+            dist.barrier()
+            link = loaded or _probe(args)
+            rows = run_configs(args, dist.get_world_size())
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        if rank != 0:
+            return None
+    else:
+        compute, kernel_rows = measure_compute(args)
+        link = loaded or _spawn(_probe, args, 2)
+        rows = []
+        for world in (int(x) for x in args.worlds.split(",")):
+            rows += [dict(r, load=os.getloadavg()[0]) for r in _spawn(run_configs, args, world)]
+            print(f"P={world}: {len(rows)} points measured", flush=True)
+    print(f"compute: {compute}\nlink: {link}", flush=True)
+    predict_rows(args, rows, link, compute)
+    doc = dict(benchmark="bench_model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, load average "
+                       f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end ({load_start:.1f} at the start)",
+               label=args.label, args=vars(args), compute=asdict(compute), kernel_timings=kernel_rows,
+               link=asdict(link), rows=rows,
+               summary={name: {key: summary(rows, key, field) for key in ("link", "world")}
+                        for name, field in (("error", "error"), ("error vs best", "error_vs_min"))})
+    md = report(args, doc)
+    print(md)
+    if not args.quick:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2, default=str))
+        dated = path.with_name(f"{path.stem}-{doc['date'][:10]}.md")
+        dated.write_text(md)
+        print(f"wrote {path} and {dated}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
