@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist import comm
-from dist import sim
+from dist import comm, sim
 
 log = logging.getLogger("dist")
 
