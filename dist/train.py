@@ -27,6 +27,7 @@ from dist import checkpoint
 from dist.config import Config
 from dist.data import make_dataset, split_for_dp
 from dist.engine import make_engine
+from dist.fault.inject import maybe_kill
 from dist.runtime import Runtime
 
 log = logging.getLogger("dist.train")
@@ -211,6 +212,7 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
             if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done):
                 saved = checkpoint.save(cfg.checkpoint.dir, step + 1, model, engine, rank=rt.rank,
                                         world_size=rt.world_size)
+            maybe_kill(cfg.fault, rt.rank, step + 1, "step")
     finally:
         if bar:
             bar.close()
