@@ -124,10 +124,14 @@ def make_code(parity: str, group_size: int) -> Code:
 
 
 def pieces(blob: np.ndarray, plen: int, k: int) -> list[np.ndarray]:
-    """The k pieces of `blob`, each `plen` bytes (the last ones zero-padded)."""
-    padded = np.zeros(plen * k, dtype=np.uint8)
-    padded[: len(blob)] = blob
-    return [padded[i * plen:(i + 1) * plen] for i in range(k)]
+    """The k pieces of `blob`, each `plen` bytes: views of it, zero-padded copies where it ends early."""
+    out = []
+    for i in range(k):
+        piece = blob[i * plen:(i + 1) * plen]
+        if len(piece) < plen:
+            piece = np.concatenate([piece, np.zeros(plen - len(piece), dtype=np.uint8)])
+        out.append(piece)
+    return out
 
 
 def encode_group(blobs: list[np.ndarray], code: Code) -> list[list[np.ndarray]]:

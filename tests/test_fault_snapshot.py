@@ -1,0 +1,81 @@
+"""Snapshots in host memory: a second session of the same job resumes from them bit-exactly; what does not
+belong to the job, or fails its checksum, is never loaded. Ranks are spawned gloo processes (no torchrun):
+the job id is TORCHELASTIC_RUN_ID, set per test."""
+
+import glob
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import torch
+
+from dist.config import load_config
+from tests.multirank import run_ranks
+
+SMALL = ["data.seq_len_min=32", "data.seq_len_max=160", "data.tokens_per_step=640", "train.warmup_steps=1",
+         "train.deterministic=true", "log.level=warning"]
+
+
+def _train(rank, world_size, overrides):
+    from dist.train import train
+
+    out = train(load_config(None, overrides))
+    return ({k: v.detach().clone() for k, v in out["model"].state_dict().items()},
+            out["optimizer"].state_dict()["state"], out["start"])
+
+
+@pytest.fixture
+def job():
+    """A fresh job id; afterwards its managers are stopped and /dev/shm holds nothing of it."""
+    rid = f"test-{uuid.uuid4().hex[:8]}"
+    yield rid
+    for pid_file in glob.glob(f"/dev/shm/dist-snap-{rid}-h*/manager.pid"):
+        try:
+            os.kill(int(open(pid_file).read()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + 10
+    while glob.glob(f"/dev/shm/dist-snap-{rid}-*") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not glob.glob(f"/dev/shm/dist-snap-{rid}-*"), "the manager left shared memory behind"
+
+
+def run(world, job, overrides, tmp, generation=0):
+    """The ranks of one generation of workers (TORCHELASTIC_RESTART_COUNT = generation)."""
+    return run_ranks(_train, world, SMALL + [f"log.dir={tmp}/log", "train.steps=6"] + overrides, init_group=False,
+                     env={"TORCHELASTIC_RUN_ID": job, "TORCHELASTIC_RESTART_COUNT": str(generation)},
+                     timeout_s=150)
+
+
+def killed(world, job, overrides, tmp):
+    """A first generation in which rank kill_rank dies by SIGKILL (the others then fail on the lost peer)."""
+    with pytest.raises(RuntimeError, match="multi-rank run failed"):
+        run(world, job, overrides + ["runtime.timeout_s=20"], tmp)
+
+
+def assert_same(a, b):
+    (pa, oa, _), (pb, ob, _) = a, b
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), f"parameter {k} differs"
+    for i in oa:
+        for k in oa[i]:
+            assert torch.equal(oa[i][k], ob[i][k]), f"optimizer state {i}.{k} differs"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference: 2 ranks, 6 steps, no snapshots."""
+    return run(2, f"ref-{uuid.uuid4().hex[:8]}", [], tmp_path_factory.mktemp("ref"))[0]
+
+
+def test_killed_rank_resumes_from_memory_bit_exact(tmp_path, job, straight):
+    snap = ["fault.snapshot_every=1", "fault.kill_step=4", "fault.kill_rank=1"]
+    killed(2, job, snap, tmp_path)
+    heads = sorted(os.path.basename(p) for p in glob.glob(f"/dev/shm/dist-snap-{job}-h0/r*.head*.json"))
+    assert heads, "no committed snapshot in host memory"
+    resumed = run(2, job, snap, tmp_path, generation=1)
+    assert resumed[0][2] in (3, 4)  # the newest snapshot every rank committed: 4, or 3 if 4 was in flight
+    for r in range(2):
+        assert_same(resumed[r], straight)
