@@ -101,7 +101,7 @@ class FaultConfig:
     lease_s: float = 600.0        # a host's snapshot manager frees its memory after this long without a worker
     kill_step: int = 0            # fault injection for tests: SIGKILL rank kill_rank after step N (0 = off) ...
     kill_rank: int = 0            # ... in the first generation of workers only (TORCHELASTIC_RESTART_COUNT 0)
-    kill_phase: str = "step"      # "step" (after the step) | "copy" (in the middle of a snapshot copy)
+    kill_phase: str = "step"      # "step" (after the step) | "copy" (mid snapshot copy) | "host" (+ its memory)
 
 
 @dataclass
@@ -127,7 +127,7 @@ CHOICES = {
     "runtime.backend": ("auto", "gloo", "nccl"),
     "serve.mode": ("disaggregated", "colocated"),
     "fault.parity": ("xor", "rs2", "none"),
-    "fault.kill_phase": ("step", "copy"),
+    "fault.kill_phase": ("step", "copy", "host"),
 }
 
 

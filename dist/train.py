@@ -221,7 +221,7 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
                                         world_size=rt.world_size)
             if snaps:
                 snaps.after_step(step + 1)
-            maybe_kill(cfg.fault, rt.rank, step + 1, "step")
+            maybe_kill(cfg.fault, rt.rank, step + 1, "step", snaps.dir if snaps else None)
         if snaps:
             snaps.close()
     finally:

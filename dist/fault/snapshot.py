@@ -209,8 +209,8 @@ class Snapshots:
         self.cfg, self.rt, self.model, self.engine = cfg, rt, model, engine
         self.every = cfg.fault.snapshot_every
         self.rank, self.world = rt.rank, rt.world_size
-        self.local_rank, self.local_world = rt.local_rank, rt.local_world_size
-        self.host = self.rank // self.local_world
+        self.local_world = rt.local_world_size
+        self.host, self.local_rank = divmod(self.rank, self.local_world)  # torchrun numbers ranks host by host
         self.code, self.groups = parity_groups(self.world, self.local_world, cfg.fault.parity, cfg.fault.group_size)
         if cfg.fault.parity != "none" and self.code.m == 0 and self.rank == 0:
             log.warning("fault: one host: snapshots survive killed workers, not the loss of the host "
