@@ -3,6 +3,7 @@ belong to the job, or fails its checksum, is never loaded. Ranks are spawned glo
 the job id is TORCHELASTIC_RUN_ID, set per test."""
 
 import glob
+import json
 import os
 import signal
 import time
@@ -79,3 +80,36 @@ def test_killed_rank_resumes_from_memory_bit_exact(tmp_path, job, straight):
     assert resumed[0][2] in (3, 4)  # the newest snapshot every rank committed: 4, or 3 if 4 was in flight
     for r in range(2):
         assert_same(resumed[r], straight)
+
+
+def newest_buffer(job, rank):
+    heads = {}
+    for p in glob.glob(f"/dev/shm/dist-snap-{job}-h0/r{rank}.head*.json"):
+        heads[json.load(open(p))["version"]] = int(p[-6])
+    return heads[max(heads)], sorted(heads)
+
+
+def test_corrupted_snapshot_is_not_loaded_and_the_disk_checkpoint_is(tmp_path, job, straight):
+    """Snapshot 4 is committed (5 was in flight when rank 1 died); a flipped byte in rank 0's copy of it
+    leaves no snapshot every rank holds intact: the restart falls back to the disk checkpoint of step 3."""
+    snap = ["fault.snapshot_every=1", "fault.kill_step=5", "fault.kill_rank=1", f"checkpoint.dir={tmp_path}/ck",
+            "checkpoint.every=3", "checkpoint.resume=latest"]
+    killed(2, job, snap, tmp_path)
+    b, versions = newest_buffer(job, 0)
+    assert versions[-1] == 4
+    with open(f"/dev/shm/dist-snap-{job}-h0/r0.data{b}", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    resumed = run(2, job, snap, tmp_path, generation=1)
+    assert resumed[0][2] == 3
+    for r in range(2):
+        assert_same(resumed[r], straight)
+
+
+def test_snapshot_of_another_config_is_never_loaded(tmp_path, job):
+    snap = ["fault.snapshot_every=1", "fault.kill_step=4", "fault.kill_rank=1"]
+    killed(2, job, snap, tmp_path)
+    other = run(2, job, snap + ["train.lr=1e-3"], tmp_path, generation=1)
+    assert other[0][2] == 0  # started from scratch: the snapshots belong to another config
