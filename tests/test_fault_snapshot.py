@@ -113,3 +113,43 @@ def test_snapshot_of_another_config_is_never_loaded(tmp_path, job):
     killed(2, job, snap, tmp_path)
     other = run(2, job, snap + ["train.lr=1e-3"], tmp_path, generation=1)
     assert other[0][2] == 0  # started from scratch: the snapshots belong to another config
+
+
+def _train_ds(rank, world_size, overrides):
+    """Model parameters, and this rank's ZeRO partition: fp32 master weights and AdamW moments."""
+    from dist.train import train
+
+    out = train(load_config(None, overrides))
+    opt = out["optimizer"]
+    part = [t.detach().clone() for t in opt.single_partition_of_fp32_groups]
+    moments = {f"{i}.{k}": v.detach().clone() for i, s in enumerate(opt.optimizer.state.values())
+               for k, v in s.items()}
+    return {k: v.detach().clone() for k, v in out["model"].state_dict().items()}, part, moments, out["start"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_partitions_resume_from_memory_bit_exact(tmp_path, job):
+    from dist.config import deepspeed_available
+
+    if not deepspeed_available():
+        pytest.skip("DeepSpeed is not installed")
+    ds = ["train.engine=deepspeed", "train.zero_stage=2", "train.steps=5"]
+
+    def go(rid, extra, generation=0):
+        return run_ranks(_train_ds, 2, SMALL + [f"log.dir={tmp_path}/log"] + ds + extra, init_group=False,
+                         env={"TORCHELASTIC_RUN_ID": rid, "TORCHELASTIC_RESTART_COUNT": str(generation)},
+                         timeout_s=200)
+
+    ref = go(f"{job}-ref", [])
+    snap = ["fault.snapshot_every=1", "fault.kill_step=3", "fault.kill_rank=1"]
+    with pytest.raises(RuntimeError, match="multi-rank run failed"):
+        go(job, snap + ["runtime.timeout_s=20"])
+    resumed = go(job, snap, generation=1)
+    for r in range(2):
+        params, part, moments, start = resumed[r]
+        assert start in (2, 3)
+        for k in params:
+            assert torch.equal(params[k], ref[r][0][k]), k
+        assert all(torch.equal(a, b) for a, b in zip(part, ref[r][1]))
+        assert moments.keys() == ref[r][2].keys()
+        assert all(torch.equal(moments[k], ref[r][2][k]) for k in moments)
