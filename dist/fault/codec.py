@@ -50,6 +50,14 @@ def xor_into(acc: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
     return acc
 
 
+def _zfec():
+    try:
+        import zfec
+    except ImportError:
+        raise ValueError("config key 'fault.parity' = \"rs2\" needs zfec: pip install 'dist[fault]'") from None
+    return zfec
+
+
 @dataclass(frozen=True)
 class Code:
     """An (k + m, k) code over equal-length pieces: encode k pieces into m parity blocks, decode any k."""
@@ -68,8 +76,7 @@ class Code:
             return []
         if self.name == "xor":
             return [xor_into(np.empty_like(pieces[0]), pieces)]
-        import zfec
-
+        zfec = _zfec()
         return [np.frombuffer(p, dtype=np.uint8) for p in
                 zfec.Encoder(self.k, self.k + self.m).encode(tuple(pieces), tuple(range(self.k, self.k + self.m)))]
 
@@ -84,8 +91,7 @@ class Code:
             out = {i: b for i, b in blocks.items()}
             out[missing] = xor_into(np.empty_like(blocks[self.k]), [b for b in blocks.values()])
             return [out[i] for i in range(self.k)]
-        import zfec
-
+        zfec = _zfec()
         nums = tuple(sorted(blocks)[: self.k])
         data = zfec.Decoder(self.k, self.k + self.m).decode(tuple(blocks[i] for i in nums), nums)
         return [np.frombuffer(d, dtype=np.uint8) if not isinstance(d, np.ndarray) else d for d in data]
@@ -118,6 +124,8 @@ class Code:
 def make_code(parity: str, group_size: int) -> Code:
     """fault.parity ("xor" | "rs2" | "none") over groups of `group_size` members."""
     m = {"none": 0, "xor": 1, "rs2": 2}[parity]
+    if parity == "rs2":
+        _zfec()  # a missing library is a clear error now, not in the middle of a snapshot
     if group_size <= m:
         raise ValueError(f"fault.parity = {parity!r} needs fault.group_size > {m}, got {group_size}")
     return Code(parity, group_size, m)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
+import time
 
 from dist.runtime import restart_count
 
@@ -25,6 +27,8 @@ def maybe_kill(fault_cfg, rank: int, step: int, phase: str, host_dir: str | None
     if not (fault_cfg.kill_step and step == fault_cfg.kill_step and phase == wanted
             and rank == fault_cfg.kill_rank and restart_count() == 0):
         return
+    print(f"dist: fault injection: SIGKILL rank {rank} at step {step} ({fault_cfg.kill_phase}) t={time.time():.3f}",
+          file=sys.stderr, flush=True)
     if fault_cfg.kill_phase == "host" and host_dir:
         from dist.fault.manager import manager_pid
 

@@ -43,6 +43,7 @@ import os
 import pickle
 import random
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -227,6 +228,7 @@ class Snapshots:
             pg = dist.new_group(g, timeout=rt.timeout) if len(g) > 1 else None
             if g is self.group:
                 self.group_pg = pg
+        self.timings: dict = {}   # restore's phases (seconds): scan, manifests, rebuild (fetch + decode), load
         self.version = 0          # snapshots taken by this process generation (after restore: the restored one)
         self.data = [None, None]  # Segment per buffer
         self.parity = [None, None]
@@ -434,10 +436,14 @@ class Snapshots:
         blobs from parity) if it is newer than `disk_step`; return its step, or None (start fresh or from the
         disk checkpoint). SnapshotError when snapshots exist but none can be restored and there is no
         disk checkpoint to fall back to."""
+        t0 = time.perf_counter()
         mine = self._scan()
+        self.timings = {"scan_s": time.perf_counter() - t0}
         manifests: list = [None] * self.world
+        t0 = time.perf_counter()
         dist.all_gather_object(manifests, {v: {k: e[k] for k in ("step", "data", "parity", "table")}
                                            for v, e in mine.items()})
+        self.timings["manifests_s"] = time.perf_counter() - t0
         versions = sorted({v for m in manifests for v in m}, reverse=True)
         if not versions:
             return None
@@ -471,8 +477,9 @@ class Snapshots:
                 self.version = v
                 if self.rank == 0:
                     rebuilt = sorted(self.groups[gi][i] for gi, gone in lost.items() for i in gone)
-                    log.info("fault: restored snapshot %d (step %d) from host memory%s", v, step,
-                             f", ranks {rebuilt} rebuilt from parity" if rebuilt else "")
+                    log.info("fault: restored snapshot %d (step %d) from host memory%s | %s t=%.3f", v, step,
+                             f", ranks {rebuilt} rebuilt from parity" if rebuilt else "",
+                             " ".join(f"{k}={x:.3f}" for k, x in self.timings.items()), time.time())
                 return step
         if disk_step >= 0:
             if self.rank == 0:
@@ -484,7 +491,10 @@ class Snapshots:
     def _load(self, v, entry, lost: dict, table) -> None:
         nbytes, data_crc = table[self.rank][0], table[self.rank][1]
         blob = read_file(self._path("data", entry["buffer"]), nbytes) if entry and entry["data"] else None
+        t0 = time.perf_counter()
         blob = self._rebuild(v, lost, table, blob)
+        self.timings["rebuild_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if crc(blob) != data_crc:
             raise SnapshotError(f"snapshot {v} of rank {self.rank} fails its checksum after rebuilding: not loaded")
         buf = torch.from_numpy(blob.copy())
@@ -507,6 +517,7 @@ class Snapshots:
             self.model.load_state_dict(rep["model"])
         self.engine.load_optimizer_state(rep.get("optimizer") or local["optimizer"])
         set_rng_state(tree["rng"])
+        self.timings["load_s"] = time.perf_counter() - t0
 
     def _rebuild(self, v, lost: dict, table, blob):
         """Move the blocks of lost members' stripes to them (collective over every rank) and decode."""
@@ -533,9 +544,7 @@ class Snapshots:
                                 send = mine_pieces[code.piece_of(y, j)]
                             else:
                                 if par is None:
-                                    b = next(e for e in (0, 1) if os.path.exists(self._path("head", e))
-                                             and json.load(open(self._path("head", e)))["version"] == v)
-                                    par = read_file(self._path("parity", b), code.m * plen)
+                                    par = read_file(self._path("parity", v % 2), code.m * plen)
                                 t = blk - code.k
                                 send = par[t * plen:(t + 1) * plen]
                             ops.append(dist.P2POp(dist.isend, torch.from_numpy(np.ascontiguousarray(send)), g[x]))
