@@ -70,3 +70,26 @@ def test_xor_matches_bytewise_reference_on_odd_lengths():
 def test_group_too_small_for_the_code_is_a_clear_error():
     with pytest.raises(ValueError, match="group_size"):
         make_code("rs2", 2)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["fault.parity=raid6"], r"'fault\.parity' must be one of \['xor', 'rs2', 'none'\]"),
+    (["fault.parity=rs2", "fault.group_size=2"], r"'fault\.group_size' must be >= 3 with fault\.parity = 'rs2'"),
+    (["fault.snapshot_every=-1"], r"'fault\.snapshot_every'"),
+    (["fault.kill_phase=later"], r"'fault\.kill_phase' must be one of"),
+])
+def test_bad_fault_config_is_one_clear_error(overrides, match):
+    from dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_hosts_not_divisible_by_the_group_size_is_a_clear_error():
+    from dist.fault.snapshot import parity_groups
+
+    code, groups = parity_groups(12, 2, "xor", 3)  # 6 hosts, 2 ranks each: the same local rank on 3 hosts
+    assert code.m == 1 and groups[:2] == [[0, 2, 4], [1, 3, 5]] and len(groups) == 4
+    with pytest.raises(ValueError, match=r"'fault\.group_size' \(4\) must divide the number of hosts \(6\)"):
+        parity_groups(12, 2, "xor", 4)
+    assert parity_groups(4, 4, "xor", 2)[0].m == 0  # one host: no parity

@@ -76,7 +76,11 @@ def test_killed_rank_resumes_from_memory_bit_exact(tmp_path, job, straight):
     killed(2, job, snap, tmp_path)
     heads = sorted(os.path.basename(p) for p in glob.glob(f"/dev/shm/dist-snap-{job}-h0/r*.head*.json"))
     assert heads, "no committed snapshot in host memory"
+    folder = f"/dev/shm/dist-snap-{job}-h0"
+    old_manager = int(open(f"{folder}/manager.pid").read())
+    os.kill(old_manager, signal.SIGKILL)  # the manager killed alone: the segments stay, a new one is started
     resumed = run(2, job, snap, tmp_path, generation=1)
+    assert int(open(f"{folder}/manager.pid").read()) != old_manager
     assert resumed[0][2] in (3, 4)  # the newest snapshot every rank committed: 4, or 3 if 4 was in flight
     for r in range(2):
         assert_same(resumed[r], straight)
