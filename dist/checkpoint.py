@@ -95,6 +95,15 @@ def resolve(resume: str, root: str) -> str | None:
     return resume
 
 
+def step_of(path: str | None) -> int:
+    """The step a checkpoint folder holds (its state.json), or -1 when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            return int(json.load(f)["step"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return -1
+
+
 def load(path: str, model, engine, *, rank: int, world_size: int) -> dict:
     """Restore model, optimizer state (through `engine`, the dist.engine engine) and this rank's RNG from
     `path`; returns state.json's dict. A checkpoint this run cannot resume (incomplete, other engine, other

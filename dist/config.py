@@ -110,6 +110,17 @@ class ServeConfig:
 
 
 @dataclass
+class FaultConfig:
+    snapshot_every: int = 0       # in-memory snapshot every N steps (0 = off); see dist/fault and docs/fault.md
+    parity: str = "xor"           # erasure code across hosts: "xor" (1 loss per group) | "rs2" (2, zfec) | "none"
+    group_size: int = 2           # hosts per parity group; must divide the number of hosts
+    lease_s: float = 600.0        # a host's snapshot manager frees its memory after this long without a worker
+    kill_step: int = 0            # fault injection for tests: SIGKILL rank kill_rank after step N (0 = off) ...
+    kill_rank: int = 0            # ... in the first generation of workers only (TORCHELASTIC_RESTART_COUNT 0)
+    kill_phase: str = "step"      # "step" (after the step) | "copy" (mid snapshot copy) | "host" (+ its memory)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +130,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 CHOICES = {
@@ -134,6 +146,8 @@ CHOICES = {
     "runtime.intra_node_link": ("auto", *LINK_PROFILES),
     "runtime.inter_node_link": ("auto", *LINK_PROFILES),
     "serve.mode": ("disaggregated", "colocated"),
+    "fault.parity": ("xor", "rs2", "none"),
+    "fault.kill_phase": ("step", "copy", "host"),
 }
 
 
@@ -290,6 +304,15 @@ def validate(cfg: Config) -> None:
                           f"(got {cfg.train.engine!r})")
     if cfg.sp.cost_model and not os.path.isfile(cfg.sp.cost_model):
         raise ConfigError(f"config key 'sp.cost_model': file not found: {cfg.sp.cost_model}")
+    f = cfg.fault
+    if f.snapshot_every < 0 or f.kill_step < 0 or f.kill_rank < 0:
+        raise ConfigError("config keys 'fault.snapshot_every', 'fault.kill_step', 'fault.kill_rank' must be >= 0")
+    if f.lease_s <= 0:
+        raise ConfigError(f"config key 'fault.lease_s' must be > 0, got {f.lease_s!r}")
+    least = {"none": 1, "xor": 2, "rs2": 3}[f.parity]
+    if f.group_size < least:
+        raise ConfigError(f"config key 'fault.group_size' must be >= {least} with fault.parity = {f.parity!r}, "
+                          f"got {f.group_size}")
     heads = PRESETS[cfg.model.preset].n_heads
     if cfg.sp.strategy == "ulysses" and not cfg.model.path and heads % cfg.sp.degree:
         raise ConfigError(f"config key 'sp.strategy' = \"ulysses\" needs the model's heads ({heads}) divisible by "

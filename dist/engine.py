@@ -72,6 +72,7 @@ class TorchEngine:
     """Autograd accumulation, one flat all-reduce (sum) over all ranks, clipping, torch AdamW."""
 
     name = "torch"
+    replicated = True   # every rank holds the same model and optimizer state
 
     def __init__(self, cfg, model, rt):
         self.model, self.cfg = model, cfg
@@ -127,6 +128,12 @@ class TorchEngine:
         self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
                                                   weights_only=True))
 
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd)
+
     def close(self) -> None:
         pass
 
@@ -161,6 +168,7 @@ class DeepSpeedEngine:
     """
 
     name = "deepspeed"
+    replicated = False  # each rank holds its ZeRO partition (the model follows from its fp32 master weights)
 
     def __init__(self, cfg, model, rt):
         from dist.config import ConfigError
@@ -236,10 +244,10 @@ class DeepSpeedEngine:
     def _file(folder: str, rank: int) -> str:
         return os.path.join(folder, f"optimizer-rank{rank}.pt")
 
-    def save_optimizer(self, folder: str, rank: int) -> None:
+    def optimizer_state(self) -> dict:
         """This rank's partition: AdamW state of its slice, its fp32 master weights, paddings.
         DeepSpeed's pickled objects (loss scaler, slice mappings, enums) are dropped or turned into plain
-        values so the file loads with torch.load(weights_only=True)."""
+        values so the state loads with torch.load(weights_only=True). Tensors are the live ones."""
         from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS, ZERO_STAGE
 
         sd = self.optimizer.state_dict()
@@ -248,7 +256,10 @@ class DeepSpeedEngine:
         sd[ZERO_STAGE] = int(sd[ZERO_STAGE])
         sd["dist_loss_scaler"] = {k: v for k, v in vars(scaler).items()
                                   if isinstance(v, (bool, int, float))} if scaler is not None else {}
-        torch.save(sd, self._file(folder, rank))
+        return sd
+
+    def save_optimizer(self, folder: str, rank: int) -> None:
+        torch.save(self.optimizer_state(), self._file(folder, rank))
 
     def check_resume(self, path: str, state: dict, world_size: int) -> None:
         _check_engine(path, state, self.name)
@@ -268,7 +279,10 @@ class DeepSpeedEngine:
     def load_optimizer(self, path: str, rank: int, state: dict) -> None:
         """Restore this rank's AdamW state and its fp32 master weights (not re-derived from the model's
         weights, which would round under bf16/fp16), so the resumed run continues bit-exactly."""
-        sd = torch.load(self._file(path, rank), map_location="cpu", weights_only=True)
+        self.load_optimizer_state(torch.load(self._file(path, rank), map_location="cpu", weights_only=True))
+
+    def load_optimizer_state(self, sd: dict) -> None:
+        """Restore what optimizer_state() returned (this rank's partition) and the model weights from it."""
         scaler = sd.pop("dist_loss_scaler", {})
         dp_rank = dist.get_rank(group=self.optimizer.dp_process_group)
         # a rigid (non-elastic) ZeRO checkpoint: load_state_dict reads only this rank's entry of the list

@@ -28,6 +28,8 @@ from dist.config import Config
 from dist.data import make_dataset, split_for_dp
 from dist.engine import make_engine
 from dist.memory import check_fits
+from dist.fault.inject import maybe_kill
+from dist.fault.snapshot import Snapshots
 from dist.runtime import Runtime
 
 log = logging.getLogger("dist.train")
@@ -176,7 +178,11 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_params: int) -> dict:
     start = 0
     resume_from = checkpoint.resolve(cfg.checkpoint.resume, cfg.checkpoint.dir)
-    if resume_from:
+    snaps = Snapshots(cfg, rt, model, engine) if cfg.fault.snapshot_every else None
+    restored = snaps.restore(disk_step=checkpoint.step_of(resume_from)) if snaps else None
+    if restored is not None:
+        start = restored
+    elif resume_from:
         state = checkpoint.load(resume_from, model, engine, rank=rt.rank, world_size=rt.world_size)
         start = state["step"]
         if rt.is_main:
@@ -209,6 +215,8 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
             n_global = batch.num_targets
             sums = runner.step(engine, batch, step, data)  # forward + backward of this rank's share
             lr = lr_at(step, cfg)
+            if snaps:
+                snaps.wait_copied()  # the snapshot in flight has read the tensors the optimizer changes
             grad_norm = engine.step(lr)  # sums gradients over all ranks, clips, steps AdamW
             dist.all_reduce(sums)  # loss sums over every rank's targets
             dt = time.perf_counter() - t0
@@ -231,6 +239,11 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
             if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done):
                 saved = checkpoint.save(cfg.checkpoint.dir, step + 1, model, engine, rank=rt.rank,
                                         world_size=rt.world_size)
+            if snaps:
+                snaps.after_step(step + 1)
+            maybe_kill(cfg.fault, rt.rank, step + 1, "step", snaps.dir if snaps else None)
+        if snaps:
+            snaps.close()
     finally:
         if bar:
             bar.close()
@@ -239,4 +252,5 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
     if rt.is_main:
         log.info("done: step %s loss %.4f%s", last.get("step", start), last.get("loss", float("nan")),
                  f" | checkpoint {saved}" if saved else "")
-    return {**last, "checkpoint": saved, "model": model, "optimizer": engine.optimizer, "engine": engine.name}
+    return {**last, "checkpoint": saved, "model": model, "optimizer": engine.optimizer, "engine": engine.name,
+            "start": start}

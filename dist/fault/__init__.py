@@ -1,0 +1,1 @@
+"""In-memory erasure-coded snapshots for fault tolerance (docs/fault.md)."""
