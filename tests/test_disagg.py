@@ -49,6 +49,16 @@ def test_roles_that_do_not_fit_name_the_key(prefill, decode, key):
         Roles.from_config(ServeConfig(prefill_ranks=prefill, decode_ranks=decode), 4)
 
 
+@pytest.mark.parametrize("override,key", [("serve.max_batch=0", "serve.max_batch"),
+                                          ("serve.decode_ranks=[-1]", "serve.decode_ranks"),
+                                          ("serve.request_timeout_s=0", "serve.request_timeout_s")])
+def test_serve_config_errors_name_the_key(override, key):
+    from dist.config import load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
 # ---------------------------------------------------------------- pages
 
 def test_block_manager_refcounts_and_back_pressure():

@@ -220,3 +220,56 @@ def test_sigterm_drains_an_open_stream():
         assert "ERROR dist" not in server.output()  # no rank logged an error while stopping
     finally:
         server.close()
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of a torchrun worker by its RANK (a child of the torchrun process)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == torchrun_pid and f"RANK={rank}".encode() in env:
+            return int(entry)
+    raise RuntimeError(f"no rank {rank} under pid {torchrun_pid}")
+
+
+def test_killed_decode_worker_ends_the_stream_and_the_job_comes_back(reference):
+    server = Server(3, max_restarts=1)
+    try:
+        body = {"model": "tiny", "prompt": "die", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        lines = []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and not lines:
+                        os.kill(rank_pid(server.proc.pid, 2), signal.SIGKILL)
+                    if line:
+                        lines.append(line)
+            except httpx.RemoteProtocolError:  # the router went down before the error event left
+                lines.append("closed")
+        assert lines[-1] == "closed" or "error" in json.loads(lines[-1][6:]), lines[-3:]
+        assert "data: [DONE]" not in lines
+        server.wait_healthy(timeout_s=120)  # the restarted job, same port
+        assert complete(server.url, "a")["choices"][0]["text"] == reference["a"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["serve.prefill_ranks=[5]", "serve.decode_ranks=[0]"], "serve.prefill_ranks"),
+    (["model.path={empty}"], "config.json"),
+])
+def test_bad_serve_config_is_one_line_and_exit_2(tmp_path, overrides, needle):
+    args = [a for o in overrides for a in ("--set", o.format(empty=tmp_path))]
+    r = subprocess.run([sys.executable, "-m", "dist.launch", "serve", "--set", f"serve.port={free_port()}", *args],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("dist: error")]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
