@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -105,8 +106,16 @@ def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, fro
 
 
 def serve(cfg) -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"serve needs {missing}: pip install 'dist[serve]'")
     world = int(os.environ.get("WORLD_SIZE", 1))
     roles = Roles.from_config(cfg.serve, world)
+    # Receiver threads (KV, control, HTTP) wake on I/O while the worker loop computes; with the default 5 ms
+    # switch interval each wake-up could wait that long for the interpreter lock.
+    sys.setswitchinterval(0.0005)
     with Runtime.start(cfg) as rt:
         model, tokenizer, name = load_model(cfg, rt.device)
         max_model_len = cfg.serve.max_model_len or model.config.max_seq_len

@@ -124,6 +124,8 @@ def test_stop_strings_streamed_pieces_equal_the_final_text():
     seq = Sequence(4, [tok.bos_id], SamplingParams(max_tokens=9))  # a split UTF-8 character waits for its rest
     e_acute = "é".encode()
     assert seq.append(e_acute[0], tok) == ("", None) and seq.append(e_acute[1], tok) == ("é", None)
+    seq = Sequence(5, [tok.bos_id], SamplingParams(max_tokens=9))  # an id that is no byte does not block the stream
+    assert seq.append(300, tok) == ("", None) and seq.append(ord("a"), tok) == ("\ufffda", None)
 
 
 # ---------------------------------------------------------------- KV transfer (in-process link)

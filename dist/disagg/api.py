@@ -41,6 +41,8 @@ class Metrics:
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.tpot = Histogram("dist_serve_tpot_seconds", "time per output token after the first", registry=r,
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.kv_transfer = Histogram("dist_serve_kv_transfer_seconds", "KV transfer time per request", registry=r,
+                                     buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
         self.requests = Counter("dist_serve_requests", "finished requests by finish reason", ["finish"],
                                 registry=r)
 
@@ -213,8 +215,7 @@ def build_app(router, model_name: str, tokenizer, serve_cfg, max_model_len: int,
                     chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
                              "model": model_name, "choices": [choice(ev.text, ev.finish, first)]}
                     first = False
-                    if ev.text or ev.finish or chat:
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"data: {json.dumps(chunk)}\n\n"  # one chunk per token (text may wait for a whole character)
                 yield "data: [DONE]\n\n"
             except ApiError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"

@@ -40,7 +40,6 @@ class Handle:
     decode: int = -1
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
-    kv_s: float = 0.0
     done: bool = False
 
 
@@ -171,9 +170,10 @@ class Router:
             h = self.live.get(ev.rid)
             if h is None:
                 continue  # aborted meanwhile
-            if ev.kv_bytes:
+            if ev.kv_bytes:  # the decode worker got the KV: metrics only, nothing for the client
                 m.kv_bytes.inc(ev.kv_bytes)
-                h.kv_s = ev.kv_s
+                m.kv_transfer.observe(ev.kv_s)
+                continue
             if ev.tokens and not h.t_first:
                 h.t_first = now
                 self.prefilling[h.prefill] -= 1

@@ -11,6 +11,7 @@ the same tokens whichever worker draws each of them (disaggregated and colocated
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -84,8 +85,9 @@ class Sequence:
         if finish is None and len(self.output) >= self.params.max_tokens:
             finish = "length"
         if finish is None:  # hold back an unfinished UTF-8 character and a tail that may become a stop string
-            ready = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
-            ready = min(ready, len(text) - _holdback(text, self.params.stop))
+            ready = len(text) - _holdback(text, self.params.stop)
+            if text.endswith("\ufffd"):  # maybe a character cut short: a UTF-8 character spans <= 4 tokens
+                ready = min(ready, len(os.path.commonprefix([text, tokenizer.decode(self.output[:-3])])))
         else:
             ready = len(text)
         self.text = text
