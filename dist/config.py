@@ -93,6 +93,7 @@ class ServeConfig:
     mode: str = "disaggregated"   # "disaggregated" | "colocated" (every worker prefills and decodes)
     prefill_ranks: list = field(default_factory=list)  # [] = default roles (see dist.disagg.roles)
     decode_ranks: list = field(default_factory=list)   # [] = default roles
+    prefill_group: int = 1        # ranks per prefill worker; > 1: prompts run with ring attention across them
     model_name: str = ""          # the id /v1/models reports; "" = model.path's folder name or model.preset
     block_size: int = 16          # tokens per KV page
     num_blocks: int = 1024        # KV pages per worker
@@ -273,7 +274,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'checkpoint.resume' = \"latest\" needs 'checkpoint.dir'")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"config key 'serve.port' must be in 1..65535, got {cfg.serve.port}")
-    for key in ("block_size", "num_blocks", "max_batch", "chunk_tokens", "request_timeout_s"):
+    for key in ("block_size", "num_blocks", "max_batch", "chunk_tokens", "request_timeout_s", "prefill_group"):
         if getattr(cfg.serve, key) <= 0:
             raise ConfigError(f"config key 'serve.{key}' must be > 0, got {getattr(cfg.serve, key)!r}")
     if cfg.serve.max_model_len < 0:

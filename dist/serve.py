@@ -65,7 +65,8 @@ def load_model(cfg, device):
 
 def build_links(rt: Runtime, roles: Roles):
     """Process groups for every link, created in the same order on every rank; returns this rank's
-    (control channel to the router or {worker: channel} on the router, {decode: kv channel}, {prefill: kv channel})."""
+    (control channel to the router or {worker: channel} on the router, {decode: kv channel},
+    {prefill: kv channel}, (group, ranks) of its prefill group or None)."""
     me = rt.rank
     ctrl, to_decode, from_prefill = {}, {}, {}
     for w in roles.workers:
@@ -76,8 +77,14 @@ def build_links(rt: Runtime, roles: Roles):
             ctrl[w] = DistChannel(w, down, up, rt.device)
         elif me == w:
             ctrl[roles.router] = DistChannel(roles.router, up, down, rt.device)
+    ring = None  # (group, ranks) of this rank's prefill group
+    for ranks in roles.ring_groups:
+        if len(ranks) > 1:
+            group = dist.new_group(list(ranks))
+            if me in ranks:
+                ring = (group, ranks)
     if roles.mode == "disaggregated":
-        for p in roles.prefill:
+        for p in roles.prefill_leaders:
             for d in roles.decode:
                 if p == d:
                     continue
@@ -86,10 +93,10 @@ def build_links(rt: Runtime, roles: Roles):
                     to_decode[d] = DistChannel(d, fwd, back, rt.device)
                 elif me == d:
                     from_prefill[p] = DistChannel(p, back, fwd, rt.device)
-    return ctrl, to_decode, from_prefill
+    return ctrl, to_decode, from_prefill, ring
 
 
-def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, from_prefill, device) -> Worker:
+def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, from_prefill, ring, device) -> Worker:
     """A worker with its cache, KV senders and receivers; raises ValueError on a KV layout mismatch."""
     prefills, decodes = roles.phases(rank)
     cache = PagedKVCache(layout, cfg.serve.num_blocks, device)
@@ -99,7 +106,8 @@ def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, fro
     for ch in from_prefill.values():
         handshake_recv(ch, layout)
     senders = {d: KVSender(ch, cache, generation) for d, ch in to_decode.items()}
-    worker = Worker(rank, prefills=prefills, decodes=decodes, runner=Runner(model, cache), tokenizer=tokenizer,
+    runner = Runner(model, cache, *(ring or ()))
+    worker = Worker(rank, prefills=prefills, decodes=decodes, runner=runner, tokenizer=tokenizer,
                     ctrl=ctrl, senders=senders, max_batch=cfg.serve.max_batch, chunk_tokens=cfg.serve.chunk_tokens)
     worker.receivers = [KVReceiver(ch, cache, generation, worker.deliver) for ch in from_prefill.values()]
     return worker
@@ -124,15 +132,17 @@ def serve(cfg) -> None:
                               f"({cfg.serve.block_size}) holds fewer tokens than one request may use "
                               f"({max_model_len}); raise it or lower serve.max_model_len")
         layout = KVLayout.of(model.config, cfg.serve.block_size, getattr(torch, cfg.model.dtype))
-        ctrl, to_decode, from_prefill = build_links(rt, roles)
+        ctrl, to_decode, from_prefill, ring = build_links(rt, roles)
         if rt.rank == roles.router:
             _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, ctrl, to_decode, from_prefill,
                         rt.device)
-        else:
-            signal.signal(signal.SIGTERM, lambda *_: log.warning("SIGTERM: draining until the router stops us"))
-            worker = make_worker(rt.rank, roles, model, tokenizer, layout, cfg, ctrl[roles.router], to_decode,
-                                 from_prefill, rt.device)
-            worker.run()
+            return
+        signal.signal(signal.SIGTERM, lambda *_: log.warning("SIGTERM: draining until the router stops us"))
+        if rt.rank in roles.workers:
+            make_worker(rt.rank, roles, model, tokenizer, layout, cfg, ctrl[roles.router], to_decode, from_prefill,
+                        ring, rt.device).run()
+        else:  # a prefill group's follower: runs its leader's prompts with it
+            Runner(model, PagedKVCache(layout, 1, rt.device), *ring).follow()
 
 
 def _http_server(config):
@@ -159,7 +169,7 @@ def _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, chann
         mine, theirs = LocalChannel.pair(cfg.runtime.timeout_s)
         channels = {**channels, roles.router: mine}
         worker = make_worker(roles.router, roles, model, tokenizer, layout, cfg, theirs, to_decode, from_prefill,
-                             device)
+                             None, device)
         thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         thread.start()
     metrics = Metrics()

@@ -219,8 +219,14 @@ def run_workers(mode, requests, num_blocks=64, chunk_tokens=5, max_batch=8):
     results = {rid: ["", 0, None] for rid in range(len(requests))}
     last = {}
     inbox = []
-    for rank, ch in ctrls.items():
-        threading.Thread(target=lambda ch=ch: [inbox.append(ch.recv()) for _ in iter(int, 1)], daemon=True).start()
+
+    def collect(ch):  # a worker's reports, until its last one
+        while not (report := ch.recv()).stopped:
+            inbox.append(report)
+
+    collectors = [threading.Thread(target=collect, args=(ch,), daemon=True) for ch in ctrls.values()]
+    for th in collectors:
+        th.start()
     import time
     deadline = time.monotonic() + 60
     while any(r[2] is None for r in results.values()) and time.monotonic() < deadline:
@@ -234,9 +240,9 @@ def run_workers(mode, requests, num_blocks=64, chunk_tokens=5, max_batch=8):
         time.sleep(0.01)
     for ch in ctrls.values():
         ch.send(Stop())
-    for th in threads:
+    for th in threads + collectors:
         th.join(30)
-    assert not any(th.is_alive() for th in threads)
+    assert not any(th.is_alive() for th in threads + collectors)
     return {rid: tuple(r) for rid, r in results.items()}, workers
 
 
@@ -262,3 +268,40 @@ def test_out_of_pages_waits_instead_of_failing():
     few, _ = run_workers("colocated", reqs, num_blocks=8)
     plenty, _ = run_workers("colocated", reqs, num_blocks=64)
     assert few == plenty and all(r[2] == "length" for r in few.values())
+
+
+# ---------------------------------------------------------------- a prefill group (ring attention)
+
+def _ring_prefill(rank, world, n_tokens):
+    import torch.distributed as dist
+
+    model = build_model("tiny", seed=0)
+    cache = PagedKVCache(KVLayout.of(model.config, 4, torch.float32), 32)
+    runner = Runner(model, cache, dist.new_group(list(range(world))), tuple(range(world)))
+    tokens = torch.randint(0, 512, (n_tokens,), generator=torch.Generator().manual_seed(2)).tolist()
+    if rank == 0:
+        blocks = cache.manager.allocate(KVLayout.of(model.config, 4, torch.float32).blocks_for(n_tokens))
+        logits = runner.prefill(tokens, 0, blocks)
+        runner.close()
+        return logits, cache.pack(blocks), blocks
+    runner.follow()
+    return None
+
+
+def test_prefill_group_matches_one_rank():
+    """A prompt prefilled by 2 ranks with ring attention: the leader's pages and last logits equal a single
+    rank's prefill (the length is not a multiple of 2 x 2, so the padding is exercised)."""
+    from tests.multirank import run_ranks
+
+    n = 37
+    logits, packed, blocks = run_ranks(_ring_prefill, 2, n, timeout_s=120)[0]
+    model = build_model("tiny", seed=0)
+    cache = PagedKVCache(KVLayout.of(model.config, 4, torch.float32), 32)
+    tokens = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+    local = cache.manager.allocate(len(blocks))
+    want = Runner(model, cache).prefill(tokens, 0, local)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    ref_packed = cache.pack(local)
+    pos = torch.arange(n)  # compare the filled positions only (the last page's tail is unused)
+    got = packed.flatten(2, 3)[:, :, pos]
+    torch.testing.assert_close(got, ref_packed.flatten(2, 3)[:, :, pos], atol=1e-4, rtol=0)

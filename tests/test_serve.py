@@ -273,3 +273,16 @@ def test_bad_serve_config_is_one_line_and_exit_2(tmp_path, overrides, needle):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("dist: error")]
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_long_prompt_over_a_prefill_group_of_two():
+    """4 ranks: router 0, prefill group [1, 2] (ring attention), decode 3; greedy equals the reference."""
+    prompt = "a long prompt, " * 20
+    model, tok = build_model("tiny", seed=0), ByteTokenizer()
+    want = tok.decode(reference_greedy(model, tok.encode(prompt), 12))
+    server = Server(4, "serve.prefill_ranks=[1,2]", "serve.decode_ranks=[3]", "serve.prefill_group=2")
+    try:
+        assert complete(server.url, prompt)["choices"][0]["text"] == want
+        assert complete(server.url, "short")["choices"][0]["finish_reason"] == "length"
+    finally:
+        assert server.close() is not None

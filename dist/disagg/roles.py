@@ -5,6 +5,8 @@
     roles.prefill           # ranks that run prompts
     roles.decode            # ranks that generate tokens
     roles.workers           # every rank that runs a worker loop (rank 0 too when it prefills)
+    roles.ring_groups       # serve.prefill_group > 1: prefill ranks in groups that run each prompt with
+                            # ring attention; the first rank of a group leads, the others follow
 
 Defaults (the Serving API contract): rank 0 routes; with N = 1 it is also the one worker; with N = 2 it also
 prefills and rank 1 decodes; with N >= 3 the first half of ranks 1..N-1 prefill and the rest decode (N = 3:
@@ -26,10 +28,22 @@ class Roles:
     decode: tuple[int, ...]
     mode: str = "disaggregated"
     router: int = 0
+    prefill_group: int = 1        # ranks per prefill worker (ring attention across them)
+
+    @property
+    def ring_groups(self) -> list[tuple[int, ...]]:
+        """Consecutive runs of prefill_group prefill ranks; the first of each leads (talks to router and decode)."""
+        g = self.prefill_group
+        return [self.prefill[i:i + g] for i in range(0, len(self.prefill), g)]
+
+    @property
+    def prefill_leaders(self) -> tuple[int, ...]:
+        return tuple(group[0] for group in self.ring_groups)
 
     @property
     def workers(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.prefill) | set(self.decode)))
+        """Ranks that run a worker loop (prefill group members other than the leader only follow it)."""
+        return tuple(sorted(set(self.prefill_leaders) | set(self.decode)))
 
     def phases(self, rank: int) -> tuple[bool, bool]:
         """(prefills, decodes) for `rank`; colocated workers do both."""
@@ -66,4 +80,8 @@ class Roles:
         if idle:
             raise ConfigError(f"config key 'serve.prefill_ranks' / 'serve.decode_ranks': ranks {idle} have no "
                               f"role; list every rank but the router in one of them")
-        return cls(world_size, tuple(sorted(prefill)), tuple(sorted(decode)), serve.mode)
+        g = serve.prefill_group
+        if g > 1 and (serve.mode == "colocated" or len(prefill) % g or 0 in prefill):
+            raise ConfigError(f"config key 'serve.prefill_group' ({g}) needs serve.mode = \"disaggregated\" and a "
+                              f"multiple of {g} prefill ranks without rank 0, got {sorted(prefill)}")
+        return cls(world_size, tuple(sorted(prefill)), tuple(sorted(decode)), serve.mode, prefill_group=g)

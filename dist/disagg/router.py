@@ -124,7 +124,7 @@ class Router:
                 break
             d = min(fits, key=lambda r: (self.running[r], self.reserved[r]))
             colocated = self.roles.mode == "colocated"
-            p = d if colocated else min(self.roles.prefill, key=lambda r: self.prefilling[r])
+            p = d if colocated else min(self.roles.prefill_leaders, key=lambda r: self.prefilling[r])
             self.pending.popleft()
             h.prefill, h.decode = p, d
             self.reserved[d] += h.need

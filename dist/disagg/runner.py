@@ -8,12 +8,16 @@ It walks the Llama's own modules (dist.models.llama) layer by layer; the only di
 `model(input_ids)` is where keys and values come from: each layer writes the new positions' k, v into
 the cache pages and attends over the pages. A prefill chunk attends with `dist.kernels.attention`
 (causal, offset by the chunk start); a decode step with `dist.kernels.decode_attention` over the block
-tables of the whole running batch.
+tables of the whole running batch. A prefill group (serve.prefill_group > 1) runs a whole prompt
+sharded over its ranks with `dist.ringattn.ring_attention` and gathers the KV on its leader.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.distributed as dist
 
 from dist.kernels import attention, decode_attention
 from dist.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
@@ -22,8 +26,10 @@ from .kvcache import PagedKVCache
 
 
 class Runner:
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, ring_group=None, ring_ranks: tuple[int, ...] = ()):
         self.model, self.cache = model, cache
+        self.ring_group, self.ring_ranks = ring_group, ring_ranks  # a prefill group: its leader runs this
+        self.last_command = 0.0
         cfg = model.config
         self.hq, self.hkv, self.d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = self.d ** -0.5
@@ -44,10 +50,19 @@ class Runner:
         h = h + layer.self_attn.o_proj(attn_out.reshape(b, s, self.hq * self.d))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    @torch.inference_mode()
     def prefill(self, tokens: list[int], start: int, blocks: list[int]) -> torch.Tensor:
         """Run positions start..start+len(tokens)-1 of one sequence whose positions 0..start-1 are already in
         `blocks`; writes their KV and returns the logits of the last position [vocab] (float32)."""
+        if self.ring_group is not None:
+            assert start == 0, "a prefill group runs whole prompts"
+            self._command(len(tokens))
+            dist.broadcast(torch.tensor(tokens, device=self.cache.k.device), self.ring_ranks[0],
+                           group=self.ring_group)
+            return self.prefill_ring(tokens, blocks)
+        return self._prefill(tokens, start, blocks)
+
+    @torch.inference_mode()
+    def _prefill(self, tokens: list[int], start: int, blocks: list[int]) -> torch.Tensor:
         m, dev = self.model, self.cache.k.device
         end = start + len(tokens)
         ids = torch.tensor([tokens], device=dev)
@@ -84,3 +99,60 @@ class Runner:
                                    softmax_scale=self.scale, check_values=False)  # [batch, heads_q, d]
             h = self._finish_layer(layer, h, out[:, None])
         return m.lm_head(m.norm(h[:, 0])).float()
+
+    # -- a prefill group: one prompt across several ranks with ring attention ---------------------------------
+
+    def _command(self, n: int) -> None:
+        """Leader -> followers: n > 0 a prompt of n tokens follows, 0 a heartbeat, -1 stop."""
+        dist.broadcast(torch.tensor([n], device=self.cache.k.device), self.ring_ranks[0], group=self.ring_group)
+        self.last_command = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Called when idle: followers blocked in broadcast stay inside their collective timeout."""
+        if self.ring_group is not None and time.monotonic() - self.last_command > 1.0:
+            self._command(0)
+
+    def close(self) -> None:
+        if self.ring_group is not None:
+            self._command(-1)
+            self.ring_group = None
+
+    def follow(self) -> None:
+        """A follower's loop: run the leader's prompts with it until told to stop."""
+        dev = self.cache.k.device
+        while True:
+            n = torch.empty(1, dtype=torch.int64, device=dev)
+            dist.broadcast(n, self.ring_ranks[0], group=self.ring_group)
+            if n.item() < 0:
+                return
+            if n.item() > 0:
+                tokens = torch.empty(int(n.item()), dtype=torch.int64, device=dev)
+                dist.broadcast(tokens, self.ring_ranks[0], group=self.ring_group)
+                self.prefill_ring(tokens.tolist(), None)
+
+    @torch.no_grad()  # not inference_mode: ring attention's transport may copy these tensors on its own thread
+    def prefill_ring(self, tokens: list[int], blocks: list[int] | None) -> torch.Tensor:
+        """The whole prompt, zigzag-sharded over the group (padded at the end to a multiple of 2 x group size,
+        which causal attention never lets the real tokens see); every rank of the group calls it. The leader
+        (blocks given) writes the gathered KV into its pages; returns the last real position's logits."""
+        from dist.ringattn import ring_attention, shard, unshard
+
+        m, dev, g = self.model, self.cache.k.device, self.ring_group
+        world, rank = len(self.ring_ranks), dist.get_rank(g)
+        n = len(tokens)
+        padded = -(-n // (2 * world)) * 2 * world
+        ids = torch.tensor(tokens + [0] * (padded - n), device=dev)[None]
+        pos = torch.arange(padded, device=dev)[None]
+        h = m.embed_tokens(shard(ids, 1, rank, world, "zigzag"))  # [1, padded / world, dim]
+        cos, sin = rope_cos_sin(shard(pos, 1, rank, world, "zigzag"), self.inv_freq, h.dtype)
+        slots = self.cache.slots(blocks, 0, n) if blocks is not None else None
+        for i, layer in enumerate(m.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+            out = ring_attention(q, k, v, causal=True, group=g, strategy="tokenring", layout="zigzag",
+                                 softmax_scale=self.scale)
+            k_all, v_all = unshard(k, 1, g, "zigzag"), unshard(v, 1, g, "zigzag")  # [1, padded, heads_kv, d]
+            if slots is not None:
+                self.cache.write(i, slots, k_all[0, :n], v_all[0, :n])
+            h = self._finish_layer(layer, h, out)
+        last = unshard(m.norm(h), 1, g, "zigzag")[0, n - 1]
+        return m.lm_head(last).float()

@@ -123,6 +123,7 @@ class Worker:
             if self.events or time.monotonic() - last_report > 0.5:
                 self.report()
                 last_report = time.monotonic()
+        self.runner.close()
         for sender in self.senders.values():
             sender.close()
         for receiver in self.receivers:
@@ -219,6 +220,7 @@ class Worker:
             seq.blocks = []
 
     def report(self, stopped: bool = False) -> None:
+        self.runner.heartbeat()  # keeps a prefill group's followers inside their collective timeout
         self.ctrl.send(Report(self.rank, self.events, len(self.waiting), len(self.running),
                               self.cache.manager.num_used, stopped))
         self.events = []
