@@ -2,6 +2,7 @@
 worker loops (prefill + decode joined by the in-process link) against a plain full-sequence reference."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -227,7 +228,6 @@ def run_workers(mode, requests, num_blocks=64, chunk_tokens=5, max_batch=8):
     collectors = [threading.Thread(target=collect, args=(ch,), daemon=True) for ch in ctrls.values()]
     for th in collectors:
         th.start()
-    import time
     deadline = time.monotonic() + 60
     while any(r[2] is None for r in results.values()) and time.monotonic() < deadline:
         while inbox:
@@ -305,3 +305,49 @@ def test_prefill_group_matches_one_rank():
     pos = torch.arange(n)  # compare the filled positions only (the last page's tail is unused)
     got = packed.flatten(2, 3)[:, :, pos]
     torch.testing.assert_close(got, ref_packed.flatten(2, 3)[:, :, pos], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the real link: gloo point-to-point
+
+def _gloo_transfer(rank, world, block_size_on_decode):
+    import torch.distributed as dist
+
+    from dist.disagg.channel import DistChannel
+
+    fwd, back = dist.new_group([0, 1]), dist.new_group([0, 1])
+    model = build_model("tiny", seed=0)
+    layout = KVLayout.of(model.config, 4 if rank == 0 else block_size_on_decode, torch.float32)
+    cache = PagedKVCache(layout, 8)
+    cache.k.normal_(generator=torch.Generator().manual_seed(rank))
+    cache.v.normal_(generator=torch.Generator().manual_seed(rank + 10))
+    ch = DistChannel(1 - rank, fwd if rank == 0 else back, back if rank == 0 else fwd)
+    try:
+        (handshake_send if rank == 0 else handshake_recv)(ch, layout)
+    except ValueError as e:
+        return "refused: " + str(e)
+    if rank == 0:
+        sender = KVSender(ch, cache, generation=0)
+        t = sender.send(Sequence(3, list(range(6)), SamplingParams(), 1, output=[1], blocks=[5, 2], n_cached=6))
+        while t.state in (KVPoll.WAITING, KVPoll.TRANSFERRING):
+            time.sleep(0.001)
+        sender.close()
+        return t.state, cache.pack([5, 2])
+    got = []
+    receiver = KVReceiver(ch, cache, 0, lambda seq, t: got.append(seq))
+    receiver.thread.join(60)
+    return got[0].blocks, cache.pack(got[0].blocks)
+
+
+def test_kv_transfer_over_gloo_equals_the_source():
+    from tests.multirank import run_ranks
+
+    (state, sent), (blocks, received) = run_ranks(_gloo_transfer, 2, 4, timeout_s=120)
+    assert state is KVPoll.DONE and len(blocks) == 2
+    assert torch.equal(sent, received)
+
+
+def test_layout_mismatch_over_gloo_refused_on_both_ranks():
+    from tests.multirank import run_ranks
+
+    out = run_ranks(_gloo_transfer, 2, 8, timeout_s=120)
+    assert all(isinstance(o, str) and o.startswith("refused") and "block_size" in o for o in out)

@@ -199,10 +199,18 @@ def test_hostile_inputs_get_openai_errors_and_the_server_keeps_serving(disagg, r
     assert complete(disagg.url, "a")["choices"][0]["text"] == reference["a"]
 
 
-def test_sigterm_drains_an_open_stream():
-    server = Server(2)  # rank 0 routes and prefills, rank 1 decodes
+def test_deadline_then_sigterm_drains_an_open_stream():
+    server = Server(2, "serve.request_timeout_s=5")  # rank 0 routes and prefills, rank 1 decodes
     try:
-        body = {"model": "tiny", "prompt": "drain", "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+        endless = {"model": "tiny", "prompt": "x", "max_tokens": 8000, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(server.url + "/v1/completions", json=endless, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+        with httpx.stream("POST", server.url + "/v1/completions", json={**endless, "stream": True}, timeout=60) as r:
+            last = [line for line in r.iter_lines() if line][-1]
+        assert json.loads(last[6:])["error"]["code"] == "timeout"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+        body = {"model": "tiny", "prompt": "drain", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         lines = []
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
