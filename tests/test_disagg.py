@@ -309,45 +309,44 @@ def test_prefill_group_matches_one_rank():
 
 # ---------------------------------------------------------------- the real link: gloo point-to-point
 
-def _gloo_transfer(rank, world, block_size_on_decode):
+def _gloo_transfer(rank, world):
+    """Rank 0 prefills, rank 1 decodes: a handshake with different block sizes, then a matching one and a
+    transfer. Returns (the refusal, what was sent | what arrived)."""
     import torch.distributed as dist
 
     from dist.disagg.channel import DistChannel
 
     fwd, back = dist.new_group([0, 1]), dist.new_group([0, 1])
     model = build_model("tiny", seed=0)
-    layout = KVLayout.of(model.config, 4 if rank == 0 else block_size_on_decode, torch.float32)
+    ch = DistChannel(1 - rank, fwd if rank == 0 else back, back if rank == 0 else fwd)
+    handshake = handshake_send if rank == 0 else handshake_recv
+    try:
+        handshake(ch, KVLayout.of(model.config, 4 if rank == 0 else 8, torch.float32))
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    layout = KVLayout.of(model.config, 4, torch.float32)
+    handshake(ch, layout)
     cache = PagedKVCache(layout, 8)
     cache.k.normal_(generator=torch.Generator().manual_seed(rank))
     cache.v.normal_(generator=torch.Generator().manual_seed(rank + 10))
-    ch = DistChannel(1 - rank, fwd if rank == 0 else back, back if rank == 0 else fwd)
-    try:
-        (handshake_send if rank == 0 else handshake_recv)(ch, layout)
-    except ValueError as e:
-        return "refused: " + str(e)
     if rank == 0:
         sender = KVSender(ch, cache, generation=0)
         t = sender.send(Sequence(3, list(range(6)), SamplingParams(), 1, output=[1], blocks=[5, 2], n_cached=6))
         while t.state in (KVPoll.WAITING, KVPoll.TRANSFERRING):
             time.sleep(0.001)
         sender.close()
-        return t.state, cache.pack([5, 2])
+        return refusal, (t.state, cache.pack([5, 2]))
     got = []
     receiver = KVReceiver(ch, cache, 0, lambda seq, t: got.append(seq))
     receiver.thread.join(60)
-    return got[0].blocks, cache.pack(got[0].blocks)
+    return refusal, (got[0].blocks, cache.pack(got[0].blocks))
 
 
-def test_kv_transfer_over_gloo_equals_the_source():
+def test_gloo_link_refuses_a_layout_mismatch_then_moves_kv_intact():
     from tests.multirank import run_ranks
 
-    (state, sent), (blocks, received) = run_ranks(_gloo_transfer, 2, 4, timeout_s=120)
+    (refused0, (state, sent)), (refused1, (blocks, received)) = run_ranks(_gloo_transfer, 2, timeout_s=120)
+    assert "block_size" in refused0 and "block_size" in refused1  # both ranks refuse
     assert state is KVPoll.DONE and len(blocks) == 2
     assert torch.equal(sent, received)
-
-
-def test_layout_mismatch_over_gloo_refused_on_both_ranks():
-    from tests.multirank import run_ranks
-
-    out = run_ranks(_gloo_transfer, 2, 8, timeout_s=120)
-    assert all(isinstance(o, str) and o.startswith("refused") and "block_size" in o for o in out)

@@ -117,17 +117,6 @@ def test_greedy_disaggregated_equals_reference(disagg, reference):
         assert out["usage"]["completion_tokens"] == 12
 
 
-def test_colocated_equals_reference(reference):
-    server = Server(3, "serve.mode=colocated", "serve.chunk_tokens=8")
-    try:
-        for p in PROMPTS:
-            assert complete(server.url, p)["choices"][0]["text"] == reference[p], p
-        metrics = httpx.get(server.url + "/metrics").text
-        assert "dist_serve_kv_bytes_moved_total 0.0" in metrics  # colocated: KV never moves
-    finally:
-        server.close()
-
-
 def test_streaming_equals_non_streaming(disagg):
     body = {"model": "tiny", "prompt": "stream this", "max_tokens": 20, "temperature": 0.8, "seed": 11}
     plain = complete(disagg.url, **{k: v for k, v in body.items() if k != "model"})["choices"][0]["text"]
@@ -199,9 +188,14 @@ def test_hostile_inputs_get_openai_errors_and_the_server_keeps_serving(disagg, r
     assert complete(disagg.url, "a")["choices"][0]["text"] == reference["a"]
 
 
-def test_deadline_then_sigterm_drains_an_open_stream():
-    server = Server(2, "serve.request_timeout_s=5")  # rank 0 routes and prefills, rank 1 decodes
+def test_colocated_equals_reference_then_deadline_then_sigterm_drains(reference):
+    server = Server(3, "serve.mode=colocated", "serve.chunk_tokens=8", "serve.request_timeout_s=5")
     try:
+        for p in PROMPTS:
+            assert complete(server.url, p)["choices"][0]["text"] == reference[p], p
+        metrics = httpx.get(server.url + "/metrics").text
+        assert "dist_serve_kv_bytes_moved_total 0.0" in metrics  # colocated: KV never moves
+
         endless = {"model": "tiny", "prompt": "x", "max_tokens": 8000, "temperature": 0, "ignore_eos": True}
         r = httpx.post(server.url + "/v1/completions", json=endless, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
@@ -248,7 +242,7 @@ def rank_pid(torchrun_pid: int, rank: int) -> int:
 
 
 def test_killed_decode_worker_ends_the_stream_and_the_job_comes_back(reference):
-    server = Server(3, max_restarts=1)
+    server = Server(2, max_restarts=1)  # rank 0 routes and prefills, rank 1 decodes
     try:
         body = {"model": "tiny", "prompt": "die", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
                 "stream": True}
@@ -257,7 +251,7 @@ def test_killed_decode_worker_ends_the_stream_and_the_job_comes_back(reference):
             try:
                 for line in r.iter_lines():
                     if line.startswith("data: ") and not lines:
-                        os.kill(rank_pid(server.proc.pid, 2), signal.SIGKILL)
+                        os.kill(rank_pid(server.proc.pid, 1), signal.SIGKILL)
                     if line:
                         lines.append(line)
             except httpx.RemoteProtocolError:  # the router went down before the error event left
