@@ -350,3 +350,35 @@ def test_gloo_link_refuses_a_layout_mismatch_then_moves_kv_intact():
     assert "block_size" in refused0 and "block_size" in refused1  # both ranks refuse
     assert state is KVPoll.DONE and len(blocks) == 2
     assert torch.equal(sent, received)
+
+
+# ---------------------------------------------------------------- request parsing (no server)
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "tiny", "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "tiny", "prompt": "x", "ignore_eos": "no"}, 400, "ignore_eos"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x" * 60, "max_tokens": 10}, 400, "prompt"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": 3, "prompt": "x"}, 400, "model"),
+])
+def test_parse_request_names_the_field(body, status, param):
+    from dist.disagg.api import ApiError, parse_request
+
+    with pytest.raises(ApiError) as e:
+        parse_request(body, "messages" in body, "tiny", ByteTokenizer(), max_model_len=64)
+    assert (e.value.status, e.value.param) == (status, param)
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_chat_prompt_plain_template_and_params():
+    from dist.disagg.api import parse_request
+
+    tok = ByteTokenizer()
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "max_completion_tokens": 5, "temperature": 0, "stop": "\n", "seed": 4}
+    prompt, params, stream = parse_request(body, True, "tiny", tok, max_model_len=256)
+    assert tok.decode(prompt) == "system: Be brief.\nuser: Hi\nassistant:"
+    assert (params.max_tokens, params.temperature, params.stop, params.seed, stream) == (5, 0.0, ["\n"], 4, False)

@@ -111,20 +111,22 @@ def parse_request(body, chat: bool, model_name: str, tokenizer, max_model_len: i
         raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens; the request has "
                             f"{len(prompt)} prompt tokens and asks for {max_tokens} more", field,
                        "context_length_exceeded")
-    _number(body, "n", 1, 1, 1, integer=True)  # one choice per request
+    if _number(body, "n", 1, 1, 2 ** 31, integer=True) != 1:
+        raise ApiError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    for key in ("stream", "ignore_eos"):
+        if not isinstance(body.get(key, False), bool):
+            raise ApiError(400, f"'{key}' must be a boolean, got {body[key]!r}", key)
     stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"'stream' must be a boolean, got {stream!r}", "stream")
     seed = _number(body, "seed", None, -(2 ** 63), 2 ** 63 - 1, integer=True)
     params = SamplingParams(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0, 2)),
                             top_p=float(_number(body, "top_p", 1.0, 0, 1)),
                             seed=seed if seed is not None else int.from_bytes(os.urandom(7), "big"),
-                            stop=stop, ignore_eos=bool(body.get("ignore_eos", False)))
+                            stop=stop, ignore_eos=body.get("ignore_eos", False))
     if params.top_p == 0:
         raise ApiError(400, "'top_p' must be > 0", "top_p")
     return prompt, params, stream
