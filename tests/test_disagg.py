@@ -382,3 +382,30 @@ def test_chat_prompt_plain_template_and_params():
     prompt, params, stream = parse_request(body, True, "tiny", tok, max_model_len=256)
     assert tok.decode(prompt) == "system: Be brief.\nuser: Hi\nassistant:"
     assert (params.max_tokens, params.temperature, params.stop, params.seed, stream) == (5, 0.0, ["\n"], 4, False)
+
+
+def test_chat_template_from_the_tokenizer():
+    from dist.disagg.api import chat_prompt
+
+    class Tok:
+        chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+
+    assert chat_prompt([{"role": "user", "content": "Hi"}], Tok()) == "<user>Hi<assistant>"
+
+
+def test_model_from_a_checkpoint_folder(tmp_path):
+    """model.path = a saved model folder (what `train` checkpoints hold): same weights, the folder's name as id."""
+    from dist.config import load_config
+    from dist.models import save_hf
+    from dist.serve import load_model
+
+    model = build_model("tiny", seed=5)
+    folder = tmp_path / "step-3"
+    save_hf(model, folder)
+    (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages[0].content }}"}')
+    loaded, tok, name = load_model(load_config(None, [f"model.path={folder}"]), "cpu")
+    assert name == "step-3" and tok.chat_template == "{{ messages[0].content }}"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
