@@ -52,7 +52,7 @@ def _holdback(text: str, stops: list[str]) -> int:
     return best
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a worker finds its own sequence in its queues
 class Sequence:
     """One request as a worker sees it; travels from prefill to decode worker with its KV."""
 
@@ -65,10 +65,6 @@ class Sequence:
     sent: int = 0           # characters of `text` already streamed
     blocks: list[int] = field(default_factory=list)
     n_cached: int = 0       # positions whose KV is in `blocks`
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
 
     def append(self, token: int, tokenizer) -> tuple[str, str | None]:
         """Add a sampled token; return (text to stream now, finish reason or None)."""

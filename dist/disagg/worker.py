@@ -110,10 +110,12 @@ class Worker:
 
     def run(self) -> None:
         threading.Thread(target=self._read_ctrl, name="ctrl-recv", daemon=True).start()
-        last_report = 0.0
+        last_report, batch = 0.0, Batch()
         while True:
-            # compute waits for nothing; a KV transfer in flight is polled every 2 ms; idle waits for the inbox
-            self._drain(timeout=0 if (self.waiting or self.running) else 0.002 if self.sending else 0.5)
+            # after a step that ran, look at the inbox without waiting; with work that cannot run yet (pages
+            # in use, a KV transfer in flight) poll every 2 ms; idle, wait for the inbox
+            busy = self.waiting or self.running or self.sending
+            self._drain(timeout=0 if batch else 0.002 if busy else 0.5)
             if self.stopping and not (self.waiting or self.running or self.sending):
                 break
             batch = self.schedule()
@@ -167,7 +169,7 @@ class Worker:
             seq.n_cached += n
         decode = None
         if batch.decode:
-            decode = self.runner.decode([s.tokens[-1] for s in batch.decode], [s.n_cached for s in batch.decode],
+            decode = self.runner.decode([s.output[-1] for s in batch.decode], [s.n_cached for s in batch.decode],
                                         [s.blocks for s in batch.decode])
             for s in batch.decode:
                 s.n_cached += 1
