@@ -393,6 +393,14 @@ def test_chat_template_from_the_tokenizer():
 
     assert chat_prompt([{"role": "user", "content": "Hi"}], Tok()) == "<user>Hi<assistant>"
 
+    from dist.disagg.api import ApiError
+
+    class Strict:
+        chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+
+    with pytest.raises(ApiError, match="user first"):
+        chat_prompt([{"role": "system", "content": "x"}], Strict())
+
 
 def test_model_from_a_checkpoint_folder(tmp_path):
     """model.path = a saved model folder (what `train` checkpoints hold): same weights, the folder's name as id."""

@@ -72,10 +72,18 @@ def chat_prompt(messages, tokenizer) -> str:
     """The tokenizer's chat template when it has one, else PLAIN_CHAT_TEMPLATE per message + "assistant:"."""
     template = getattr(tokenizer, "chat_template", None)
     if template:
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        return ImmutableSandboxedEnvironment().from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+        def raise_exception(message):  # HF templates call it to refuse a conversation
+            raise TemplateError(message)
+
+        try:
+            return ImmutableSandboxedEnvironment().from_string(template).render(
+                messages=messages, add_generation_prompt=True, bos_token="", eos_token="",
+                raise_exception=raise_exception)
+        except TemplateError as e:
+            raise ApiError(400, f"the model's chat template refused the messages: {e}", "messages") from None
     return "".join(PLAIN_CHAT_TEMPLATE.format(**m) for m in messages) + "assistant:"
 
 

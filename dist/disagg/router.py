@@ -29,7 +29,7 @@ from .sampling import SamplingParams
 log = logging.getLogger("dist.disagg")
 
 
-@dataclass
+@dataclass(eq=False)
 class Handle:
     rid: int
     prompt: list[int]
@@ -130,7 +130,10 @@ class Router:
             self.reserved[d] += h.need
             self.running[d] += 1
             self.prefilling[p] += 1
-            self.channels[p].send(Request(h.rid, h.prompt, h.params, d))
+            try:
+                self.channels[p].send(Request(h.rid, h.prompt, h.params, d))
+            except PeerGone as e:
+                self._on_gone(p, str(e))  # ends this request (and the rest) with an error event
         self.metrics.router_waiting.set(len(self.pending))
 
     def _finish(self, h: Handle) -> None:
