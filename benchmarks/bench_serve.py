@@ -214,10 +214,12 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
+    per_request = {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
+                                 for key in ("long", "ok", "ttft", "tpot", "e2e")} for x in v["results"]]
+                       for k, v in r["rates"].items()} for m, r in runs.items()}
     with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
         json.dump({"args": vars(args), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "summary": table,
-                   "requests": {m: {str(k): v["results"] for k, v in r["rates"].items()} for m, r in runs.items()}},
-                  f, indent=1)
+                   "requests": per_request}, f)
     with open(os.path.join(RESULTS, f"{args.out}_{datetime.date.today()}.md"), "w") as f:
         f.write(text)
     import matplotlib

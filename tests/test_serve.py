@@ -204,7 +204,7 @@ def test_colocated_equals_reference_then_deadline_then_sigterm_drains(reference)
         assert json.loads(last[6:])["error"]["code"] == "timeout"
         assert httpx.get(server.url + "/health").status_code == 200
 
-        body = {"model": "tiny", "prompt": "drain", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+        body = {"model": "tiny", "prompt": "drain", "max_tokens": 30, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         lines = []
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
