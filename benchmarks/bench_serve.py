@@ -189,7 +189,8 @@ def main(argv=None):
 
     lines = [f"# bench_serve {datetime.date.today()}", "",
              f"Machine: {platform.node()} {os.cpu_count()} cores, CPU only ({platform.processor() or 'unknown'}); "
-             f"tiny model, 3 ranks per mode (router + 2 workers). Ratios only.", "",
+             f"tiny model, 3 ranks per mode (router + 2 workers); load average at the end "
+             f"{os.getloadavg()[0]:.1f} (other jobs share the machine). Ratios only.", "",
              f"Mix: {args.long_share:.0%} long ({args.long_len} tokens), rest short ({args.short_len}); "
              f"{args.max_tokens} output tokens; {args.requests} requests per rate; colocated chunk "
              f"{args.chunk_tokens} tokens.",
