@@ -417,3 +417,12 @@ def test_model_from_a_checkpoint_folder(tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_requests_that_finish_at_their_first_token_free_every_page():
+    """max_tokens = 1 and a stop string hit at once: the KV streamed during the prompt is dropped on both sides."""
+    reqs = [("one token", SamplingParams(max_tokens=1, temperature=0)), ("again", SamplingParams(max_tokens=1)),
+            ("long enough", SamplingParams(max_tokens=5, temperature=0))]
+    out, workers = run_workers("disaggregated", reqs)
+    assert [r[1:] for r in out.values()] == [(1, "length"), (1, "length"), (5, "length")]
+    assert all(w.cache.manager.num_free == w.cache.manager.num_blocks for w in workers.values())

@@ -122,13 +122,17 @@ class PagedKVCache:
         k, v = self.k[layer], self.v[layer]
         return k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]
 
+    def pack_layer(self, layer: int, blocks: list[int]) -> torch.Tensor:
+        """The pages `blocks` of one layer, a new tensor [2, len(blocks), block_size, heads_kv, dim]."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        return torch.stack((self.k[layer, idx], self.v[layer, idx]))
+
+    def unpack_layer(self, layer: int, blocks: list[int], packed: torch.Tensor) -> None:
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        self.k[layer, idx] = packed[0]
+        self.v[layer, idx] = packed[1]
+
     def pack(self, blocks: list[int]) -> torch.Tensor:
         """The pages `blocks` of every layer as one tensor [layers, 2, len(blocks), block_size, heads_kv, dim]."""
         idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
         return torch.stack((self.k[:, idx], self.v[:, idx]), dim=1)
-
-    def unpack(self, blocks: list[int], packed: torch.Tensor) -> None:
-        """Write a `pack`ed tensor into the pages `blocks`."""
-        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
-        self.k[:, idx] = packed[:, 0]
-        self.v[:, idx] = packed[:, 1]

@@ -50,19 +50,20 @@ class Runner:
         h = h + layer.self_attn.o_proj(attn_out.reshape(b, s, self.hq * self.d))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def prefill(self, tokens: list[int], start: int, blocks: list[int]) -> torch.Tensor:
+    def prefill(self, tokens: list[int], start: int, blocks: list[int], on_layer=None) -> torch.Tensor:
         """Run positions start..start+len(tokens)-1 of one sequence whose positions 0..start-1 are already in
-        `blocks`; writes their KV and returns the logits of the last position [vocab] (float32)."""
+        `blocks`; writes their KV and returns the logits of the last position [vocab] (float32).
+        on_layer(i) is called once layer i's KV is in the pages (the KV transfer starts sending it)."""
         if self.ring_group is not None:
             assert start == 0, "a prefill group runs whole prompts"
             self._command(len(tokens))
             dist.broadcast(torch.tensor(tokens, device=self.cache.k.device), self.ring_ranks[0],
                            group=self.ring_group)
-            return self.prefill_ring(tokens, blocks)
-        return self._prefill(tokens, start, blocks)
+            return self.prefill_ring(tokens, blocks, on_layer)
+        return self._prefill(tokens, start, blocks, on_layer)
 
     @torch.inference_mode()
-    def _prefill(self, tokens: list[int], start: int, blocks: list[int]) -> torch.Tensor:
+    def _prefill(self, tokens: list[int], start: int, blocks: list[int], on_layer=None) -> torch.Tensor:
         m, dev = self.model, self.cache.k.device
         end = start + len(tokens)
         ids = torch.tensor([tokens], device=dev)
@@ -73,6 +74,8 @@ class Runner:
         for i, layer in enumerate(m.layers):
             q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
             self.cache.write(i, new, k[0], v[0])
+            if on_layer:
+                on_layer(i)
             k_all, v_all = self.cache.gather(i, seen)  # [end, heads_kv, d]
             out = attention(q, k_all[None], v_all[None], causal=True, causal_offset=start, softmax_scale=self.scale)
             h = self._finish_layer(layer, h, out)
@@ -131,7 +134,7 @@ class Runner:
                 self.prefill_ring(tokens.tolist(), None)
 
     @torch.no_grad()  # not inference_mode: ring attention's transport may copy these tensors on its own thread
-    def prefill_ring(self, tokens: list[int], blocks: list[int] | None) -> torch.Tensor:
+    def prefill_ring(self, tokens: list[int], blocks: list[int] | None, on_layer=None) -> torch.Tensor:
         """The whole prompt, zigzag-sharded over the group (padded at the end to a multiple of 2 x group size,
         which causal attention never lets the real tokens see); every rank of the group calls it. The leader
         (blocks given) writes the gathered KV into its pages; returns the last real position's logits."""
@@ -153,6 +156,8 @@ class Runner:
             k_all, v_all = unshard(k, 1, g, "zigzag"), unshard(v, 1, g, "zigzag")  # [1, padded, heads_kv, d]
             if slots is not None:
                 self.cache.write(i, slots, k_all[0, :n], v_all[0, :n])
+                if on_layer:
+                    on_layer(i)
             h = self._finish_layer(layer, h, out)
         last = unshard(m.norm(h), 1, g, "zigzag")[0, n - 1]
         return m.lm_head(last).float()

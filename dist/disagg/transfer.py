@@ -2,13 +2,17 @@
 
     handshake_send(ch, layout) / handshake_recv(ch, layout)   # at start: both raise on a layout mismatch
     sender = KVSender(ch, cache, generation)                    # prefill side, one background thread
-    t = sender.send(seq)                                        # t.state: KVPoll; DONE -> free seq.blocks
+    t = sender.start(seq, n_tokens)                             # before the prompt runs; then per layer
+    t.add_layer(cache.pack_layer(layer, blocks)); t.finish(seq) # t.state: KVPoll; DONE -> free seq.blocks
+    t = sender.send(seq)                                        # or all at once, after the prompt ran
     receiver = KVReceiver(ch, cache, generation, deliver)       # decode side, one background thread
 
-Per request: the prefill side sends a header (request id, generation, token count, page count, checksum),
-the Sequence (prompt, output so far, sampling parameters) and the packed pages of every layer; the
-decode side allocates its pages, receives, checks generation and checksum, writes the pages, acknowledges
-and hands the Sequence (now holding its own pages) to `deliver(seq, transfer)`. KV from another
+Per request: the prefill side sends a header (request id, generation, token count, page count), then
+each layer's packed pages as soon as the prompt's forward has written them (the transfer overlaps the
+prefill), then the Sequence (prompt, first token, sampling parameters) and the checksum of all pages;
+the decode side allocates its pages at the header, writes each layer as it lands, checks generation
+and checksum, acknowledges and hands the Sequence (now holding its own pages) to
+`deliver(seq, transfer)`. KV from another
 generation of workers (a restart) or with a wrong checksum is dropped and answered FAILED: stale KV is
 never used. An idle sender sends a heartbeat header every `heartbeat_s`, so a silent receiver means a
 dead or stuck peer.
@@ -22,7 +26,7 @@ import queue
 import threading
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,19 +46,31 @@ class KVPoll(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass
+@dataclass(eq=False)
 class KVTransfer:
+    """One request's KV on its way; the prefill side feeds it layer by layer while the prompt runs."""
+
     seq: Sequence
+    n_tokens: int = 0
     state: KVPoll = KVPoll.WAITING
     error: str = ""
     nbytes: int = 0
     seconds: float = 0.0
+    parts: queue.Queue = field(default_factory=queue.Queue)  # packed layers, then ("end", seq | None)
+
+    def add_layer(self, packed: torch.Tensor) -> None:
+        """One layer's pages, [2, n_blocks, block_size, heads_kv, head_dim] (a copy: the sender never reads pages)."""
+        self.parts.put(packed)
+
+    def finish(self, seq: Sequence | None) -> None:
+        """After the last layer: the sequence to hand over (None: it already finished, the decode side drops it)."""
+        self.parts.put(("end", seq))
 
 
-def checksum(packed: torch.Tensor) -> int:
-    """CRC32 of the packed pages' bytes (on GPU this copies them to the host)."""
+def checksum(packed: torch.Tensor, crc: int = 0) -> int:
+    """CRC32 of the packed pages' bytes, continuing `crc` (on GPU this copies them to the host)."""
     data = packed.detach().contiguous().cpu().view(torch.uint8).numpy()
-    return zlib.crc32(memoryview(data))
+    return zlib.crc32(memoryview(data), crc)
 
 
 def handshake_send(ch, layout: KVLayout) -> None:
@@ -83,9 +99,19 @@ class KVSender:
         self.thread = threading.Thread(target=self._loop, name=f"kv-send-{ch.peer}", daemon=True)
         self.thread.start()
 
-    def send(self, seq: Sequence) -> KVTransfer:
-        t = KVTransfer(seq)
+    def start(self, seq: Sequence, n_tokens: int) -> KVTransfer:
+        """A transfer of the first n_tokens positions of `seq`, to be fed with add_layer() and finish()."""
+        t = KVTransfer(seq, n_tokens)
         self.queue.put(t)
+        return t
+
+    def send(self, seq: Sequence) -> KVTransfer:
+        """All of `seq`'s cached KV at once (its prompt already ran)."""
+        t = self.start(seq, seq.n_cached)
+        blocks = seq.blocks[:self.cache.layout.blocks_for(seq.n_cached)]
+        for layer in range(self.cache.layout.n_layers):
+            t.add_layer(self.cache.pack_layer(layer, blocks))
+        t.finish(seq)
         return t
 
     def close(self) -> None:
@@ -115,15 +141,19 @@ class KVSender:
 
     def _send_one(self, t: KVTransfer) -> None:
         t.state, start = KVPoll.TRANSFERRING, time.perf_counter()
-        seq = t.seq
-        n_blocks = self.cache.layout.blocks_for(seq.n_cached)
-        packed = self.cache.pack(seq.blocks[:n_blocks])
-        header = torch.tensor([seq.rid, self.generation, seq.n_cached, n_blocks, checksum(packed)])
-        self.ch.send_tensor(header)
-        self.ch.send(replace(seq, blocks=[]))
-        self.ch.send_tensor(packed)
+        n_blocks = self.cache.layout.blocks_for(t.n_tokens)
+        self.ch.send_tensor(torch.tensor([t.seq.rid, self.generation, t.n_tokens, n_blocks, 0]))
+        crc = 0
+        for _ in range(self.cache.layout.n_layers):  # each layer as soon as the prompt's forward wrote it
+            packed = t.parts.get()
+            crc = checksum(packed, crc)
+            self.ch.send_tensor(packed)
+            t.nbytes += packed.numel() * packed.element_size()
+        _, seq = t.parts.get()
+        self.ch.send(None if seq is None else replace(seq, blocks=[]))
+        self.ch.send_tensor(torch.tensor([crc]))
         ok = self.ch.recv()  # "ok" or the receiver's reason
-        t.nbytes, t.seconds = packed.numel() * packed.element_size(), time.perf_counter() - start
+        t.seconds = time.perf_counter() - start
         if ok == "ok":
             t.state = KVPoll.DONE
         else:
@@ -158,33 +188,40 @@ class KVReceiver:
                 self.on_gone(self.ch.peer, str(e))
 
     def _recv_one(self) -> bool:
-        rid, generation, n_tokens, n_blocks, crc = self.ch.recv_tensor((5,), torch.int64).tolist()
+        rid, generation, n_tokens, n_blocks, _ = self.ch.recv_tensor((5,), torch.int64).tolist()
         if rid == CLOSE:
             return False
         if rid == HEARTBEAT:
             return True
         start = time.perf_counter()
-        seq: Sequence = self.ch.recv()
         lay = self.cache.layout
-        shape = (lay.n_layers, 2, n_blocks, lay.block_size, lay.n_kv_heads, lay.head_dim)
         blocks = self.cache.manager.allocate(n_blocks)  # pre-allocated before the pages arrive
-        packed = self.ch.recv_tensor(shape, lay.torch_dtype)
+        crc = 0
+        for layer in range(lay.n_layers):
+            packed = self.ch.recv_tensor((2, n_blocks, lay.block_size, lay.n_kv_heads, lay.head_dim),
+                                         lay.torch_dtype)
+            crc = checksum(packed, crc)
+            if blocks is not None:
+                self.cache.unpack_layer(layer, blocks, packed)
+        seq: Sequence | None = self.ch.recv()
+        sent_crc = int(self.ch.recv_tensor((1,), torch.int64))
         problem = ""
         if generation != self.generation:
             problem = f"stale KV for request {rid}: generation {generation}, this worker is {self.generation}"
-        elif checksum(packed) != crc:
+        elif crc != sent_crc:
             problem = f"KV of request {rid} arrived corrupted (checksum mismatch)"
         elif blocks is None:
             problem = f"no free KV pages for request {rid} ({n_blocks} needed, {self.cache.manager.num_free} free)"
-        if problem:
+        if problem or seq is None:  # the pages (possibly written) go back unused
             if blocks is not None:
                 self.cache.manager.free(blocks)
-            log.warning("%s: dropped", problem)
-            self.ch.send(problem)
+            if problem:
+                log.warning("%s: dropped", problem)
+            self.ch.send(problem or "ok")  # seq None: the request finished with its first token; nothing to do
             return True
-        self.cache.unpack(blocks, packed)
         self.ch.send("ok")
         seq.blocks, seq.n_cached = blocks, n_tokens
-        nbytes = packed.numel() * packed.element_size()
-        self.deliver(seq, KVTransfer(seq, KVPoll.DONE, nbytes=nbytes, seconds=time.perf_counter() - start))
+        nbytes = n_blocks * lay.n_layers * 2 * lay.block_size * lay.n_kv_heads * lay.head_dim \
+            * lay.torch_dtype.itemsize
+        self.deliver(seq, KVTransfer(seq, n_tokens, KVPoll.DONE, nbytes=nbytes, seconds=time.perf_counter() - start))
         return True

@@ -51,6 +51,7 @@ class Worker:
         self.waiting: deque[Sequence] = deque()     # to prefill (head may be part-way through its prompt)
         self.running: list[Sequence] = []           # decoding
         self.sending: list[KVTransfer] = []         # prefilled, KV on its way to the decode worker
+        self.transfers: dict[int, KVTransfer] = {}  # prompts whose KV streams out while they run
         self.aborted: set[int] = set()
         self.events: list[Event] = []
         self.stopping = False
@@ -161,11 +162,16 @@ class Worker:
         return batch
 
     def execute(self, batch: Batch) -> tuple[list, object]:
-        """Run the model: last-position logits of each prompt chunk, and [batch, vocab] for the decodes."""
+        """Run the model: last-position logits of each prompt chunk, and [batch, vocab] for the decodes.
+        A whole prompt whose decode worker is another rank streams its KV there layer by layer as it runs."""
         prefill = []
         for seq, n in batch.prefill:
-            start = seq.n_cached
-            prefill.append(self.runner.prefill(seq.prompt[start:start + n], start, seq.blocks))
+            start, on_layer = seq.n_cached, None
+            if seq.decode_rank != self.rank and start == 0 and n == len(seq.prompt):
+                t = self.transfers[seq.rid] = self.senders[seq.decode_rank].start(seq, n)
+                pages = seq.blocks[:self.cache.layout.blocks_for(n)]
+                on_layer = lambda i, t=t, pages=pages: t.add_layer(self.cache.pack_layer(i, pages))  # noqa: E731
+            prefill.append(self.runner.prefill(seq.prompt[start:start + n], start, seq.blocks, on_layer))
             seq.n_cached += n
         decode = None
         if batch.decode:
@@ -181,12 +187,13 @@ class Worker:
             if seq.n_cached < len(seq.prompt):
                 continue  # more chunks to go
             self.waiting.remove(seq)
-            if self._advance(seq, logits):
-                continue
-            if seq.decode_rank == self.rank:
+            transfer = self.transfers.pop(seq.rid, None)
+            finished = self._advance(seq, logits, release=transfer is None)
+            if transfer is not None:  # pages stay until the decode worker has them (or dropped them)
+                transfer.finish(None if finished else seq)
+                self.sending.append(transfer)
+            elif not finished:
                 self.running.append(seq)
-            else:
-                self.sending.append(self.senders[seq.decode_rank].send(seq))
         finished = set()
         for i, seq in enumerate(batch.decode):
             if self._advance(seq, decode_logits[i]):
@@ -194,12 +201,12 @@ class Worker:
         if finished:
             self.running = [s for s in self.running if s.rid not in finished]
 
-    def _advance(self, seq: Sequence, logits) -> bool:
-        """Sample the next token, queue its event; True (pages freed) when the request is finished."""
+    def _advance(self, seq: Sequence, logits, release: bool = True) -> bool:
+        """Sample the next token, queue its event; True when the request is finished (pages freed if `release`)."""
         token = sample(logits, seq.params, len(seq.output))
         delta, finish = seq.append(token, self.tokenizer)
         self.events.append(Event(seq.rid, delta, len(seq.output), finish))
-        if finish:
+        if finish and release:
             self._release(seq)
         return finish is not None
 
