@@ -140,7 +140,7 @@ def _transfer_setup(generation_rx=0):
     tx_ch, rx_ch = LocalChannel.pair(timeout_s=10)
     got = []
     done = threading.Event()
-    receiver = KVReceiver(rx_ch, dst, generation_rx, lambda seq, t: (got.append((seq, t)), done.set()))
+    receiver = KVReceiver(rx_ch, dst, generation_rx, lambda seq: (got.append(seq), done.set()))
     sender = KVSender(tx_ch, src, generation=0, heartbeat_s=0.05)
     return src, dst, sender, receiver, got, done
 
@@ -153,8 +153,9 @@ def test_transferred_kv_equals_the_source_pages():
     assert done.wait(10)
     sender.close()
     receiver.thread.join(10)
-    assert t.state is KVPoll.DONE and t.nbytes == got[0][1].nbytes > 0
-    rseq = got[0][0]
+    # layers x pages x block_size x (k, v) x heads_kv * head_dim x fp32 bytes
+    assert t.state is KVPoll.DONE and t.nbytes == 2 * 3 * 4 * 2 * 64 * 4
+    rseq = got[0]
     assert (rseq.rid, rseq.prompt, rseq.output, rseq.n_cached) == (5, seq.prompt, [7], 10)
     for a, b in zip(rseq.blocks, [4, 9, 1]):
         assert torch.equal(dst.k[:, a], src.k[:, b]) and torch.equal(dst.v[:, a], src.v[:, b])
@@ -338,7 +339,7 @@ def _gloo_transfer(rank, world):
         sender.close()
         return refusal, (t.state, cache.pack([5, 2]))
     got = []
-    receiver = KVReceiver(ch, cache, 0, lambda seq, t: got.append(seq))
+    receiver = KVReceiver(ch, cache, 0, got.append)
     receiver.thread.join(60)
     return refusal, (got[0].blocks, cache.pack(got[0].blocks))
 

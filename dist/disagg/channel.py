@@ -55,8 +55,8 @@ class Event:
     tokens: int = 0                 # tokens generated so far
     finish: str | None = None       # "stop" | "length" | "error"
     error: str = ""
-    kv_bytes: int = 0               # KV moved for this request (decode worker, once)
-    kv_s: float = 0.0               # seconds the KV transfer took
+    kv_bytes: int = 0               # KV moved for this request (prefill worker, once, when acknowledged)
+    kv_s: float = 0.0               # seconds of the transfer the prefill did not hide
 
 
 @dataclass

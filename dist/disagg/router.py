@@ -170,13 +170,13 @@ class Router:
             self.stopped.add(report.rank)
         now = time.perf_counter()
         for ev in report.events:
-            h = self.live.get(ev.rid)
-            if h is None:
-                continue  # aborted meanwhile
-            if ev.kv_bytes:  # the decode worker got the KV: metrics only, nothing for the client
+            if ev.kv_bytes:  # a prefill worker's KV reached the decode worker: metrics only
                 m.kv_bytes.inc(ev.kv_bytes)
                 m.kv_transfer.observe(ev.kv_s)
                 continue
+            h = self.live.get(ev.rid)
+            if h is None:
+                continue  # aborted or finished meanwhile
             if ev.tokens and not h.t_first:
                 h.t_first = now
                 self.prefilling[h.prefill] -= 1

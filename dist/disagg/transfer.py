@@ -5,17 +5,17 @@
     t = sender.start(seq, n_tokens)                             # before the prompt runs; then per layer
     t.add_layer(cache.pack_layer(layer, blocks)); t.finish(seq) # t.state: KVPoll; DONE -> free seq.blocks
     t = sender.send(seq)                                        # or all at once, after the prompt ran
-    receiver = KVReceiver(ch, cache, generation, deliver)       # decode side, one background thread
+    receiver = KVReceiver(ch, cache, generation, deliver)       # decode side: deliver(seq), its own thread
 
 Per request: the prefill side sends a header (request id, generation, token count, page count), then
 each layer's packed pages as soon as the prompt's forward has written them (the transfer overlaps the
 prefill), then the Sequence (prompt, first token, sampling parameters) and the checksum of all pages;
 the decode side allocates its pages at the header, writes each layer as it lands, checks generation
-and checksum, acknowledges and hands the Sequence (now holding its own pages) to
-`deliver(seq, transfer)`. KV from another
-generation of workers (a restart) or with a wrong checksum is dropped and answered FAILED: stale KV is
-never used. An idle sender sends a heartbeat header every `heartbeat_s`, so a silent receiver means a
-dead or stuck peer.
+and checksum, acknowledges and hands the Sequence (now holding its own pages) to `deliver(seq)`. KV
+from another generation of workers (a restart) or with a wrong checksum is dropped and answered
+FAILED: stale KV is never used. An idle sender sends a heartbeat header every `heartbeat_s`, so a
+silent receiver means a dead or stuck peer. `KVTransfer.seconds` is the part the prefill did not hide:
+from the end of the prompt's forward (finish) to the acknowledgement.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class KVTransfer:
     state: KVPoll = KVPoll.WAITING
     error: str = ""
     nbytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0          # from finish() to the acknowledgement
+    finished_at: float = 0.0
     parts: queue.Queue = field(default_factory=queue.Queue)  # packed layers, then ("end", seq | None)
 
     def add_layer(self, packed: torch.Tensor) -> None:
@@ -64,6 +65,7 @@ class KVTransfer:
 
     def finish(self, seq: Sequence | None) -> None:
         """After the last layer: the sequence to hand over (None: it already finished, the decode side drops it)."""
+        self.finished_at = time.perf_counter()
         self.parts.put(("end", seq))
 
 
@@ -140,7 +142,7 @@ class KVSender:
                 return
 
     def _send_one(self, t: KVTransfer) -> None:
-        t.state, start = KVPoll.TRANSFERRING, time.perf_counter()
+        t.state = KVPoll.TRANSFERRING
         n_blocks = self.cache.layout.blocks_for(t.n_tokens)
         self.ch.send_tensor(torch.tensor([t.seq.rid, self.generation, t.n_tokens, n_blocks, 0]))
         crc = 0
@@ -153,7 +155,7 @@ class KVSender:
         self.ch.send(None if seq is None else replace(seq, blocks=[]))
         self.ch.send_tensor(torch.tensor([crc]))
         ok = self.ch.recv()  # "ok" or the receiver's reason
-        t.seconds = time.perf_counter() - start
+        t.seconds = time.perf_counter() - t.finished_at
         if ok == "ok":
             t.state = KVPoll.DONE
         else:
@@ -170,7 +172,7 @@ class KVSender:
 
 
 class KVReceiver:
-    """Decode side: one thread receiving from one prefill worker; deliver(seq, transfer) for each good one."""
+    """Decode side: one thread receiving from one prefill worker; deliver(seq) for each good one."""
 
     def __init__(self, ch, cache: PagedKVCache, generation: int, deliver, on_gone=None):
         self.ch, self.cache, self.generation, self.deliver = ch, cache, generation, deliver
@@ -193,7 +195,6 @@ class KVReceiver:
             return False
         if rid == HEARTBEAT:
             return True
-        start = time.perf_counter()
         lay = self.cache.layout
         blocks = self.cache.manager.allocate(n_blocks)  # pre-allocated before the pages arrive
         crc = 0
@@ -221,7 +222,5 @@ class KVReceiver:
             return True
         self.ch.send("ok")
         seq.blocks, seq.n_cached = blocks, n_tokens
-        nbytes = n_blocks * lay.n_layers * 2 * lay.block_size * lay.n_kv_heads * lay.head_dim \
-            * lay.torch_dtype.itemsize
-        self.deliver(seq, KVTransfer(seq, n_tokens, KVPoll.DONE, nbytes=nbytes, seconds=time.perf_counter() - start))
+        self.deliver(seq)
         return True

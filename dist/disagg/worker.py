@@ -58,9 +58,9 @@ class Worker:
 
     # -- inputs --------------------------------------------------------------------------------------------------
 
-    def deliver(self, seq: Sequence, transfer: KVTransfer) -> None:
+    def deliver(self, seq: Sequence) -> None:
         """KVReceiver callback (its thread): a sequence whose KV now sits in our pages."""
-        self.inbox.put(("kv", seq, transfer))
+        self.inbox.put(("kv", seq))
 
     def _read_ctrl(self) -> None:
         try:
@@ -97,13 +97,11 @@ class Worker:
         elif isinstance(item, Stop):
             self.stopping = True
         elif item[0] == "kv":
-            _, seq, transfer = item
+            seq = item[1]
             if seq.rid in self.aborted:
                 self.cache.manager.free(seq.blocks)
             else:
                 self.running.append(seq)
-                self.events.append(Event(seq.rid, tokens=len(seq.output), kv_bytes=transfer.nbytes,
-                                         kv_s=transfer.seconds))
         elif item[0] == "gone":
             raise RuntimeError(f"rank {self.rank}: lost the router: {item[1]}")
 
@@ -215,6 +213,7 @@ class Worker:
         for t in self.sending:
             if t.state is KVPoll.DONE:
                 self._release(t.seq)
+                self.events.append(Event(t.seq.rid, tokens=len(t.seq.output), kv_bytes=t.nbytes, kv_s=t.seconds))
             elif t.state is KVPoll.FAILED:
                 self._release(t.seq)
                 if t.seq.rid not in self.aborted:
