@@ -3,10 +3,10 @@
     python benchmarks/bench_serve.py                      # tiny model, 3 ranks each (1 router + 2 workers)
     python benchmarks/bench_serve.py --rates 1 2 --requests 20
 
-For each mode the same torchrun job shape is started (router + 2 workers: prefill + decode, or two
-colocated workers with chunked prefill), warmed up, measured idle (one request at a time: a short
-prompt's TPOT, a long prompt's TTFT), then loaded with Poisson arrivals at each rate over the streaming
-API. Per request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between
+Both modes run as torchrun jobs of the same shape (router + 2 workers: prefill + decode, or two
+colocated workers with chunked prefill), up at the same time and taking turns: warmed up, measured idle
+(one request at a time: a short prompt's TPOT, a long prompt's TTFT), then loaded with the same
+Poisson arrivals at each rate over the streaming API, colocated then disaggregated per rate. Per request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between
 chunks), TPOT ((E2E - TTFT) / (tokens - 1)), E2E. The SLO is relative to the idle figures (TTFT <= slo_ttft x idle long TTFT, TPOT <= slo_tpot x idle
 TPOT, colocated's idle run, so both modes face the same bar); attainment is the share of requests meeting
 both, goodput the highest rate with attainment >= 90%. The KV transfer share of TTFT comes from the
@@ -157,23 +157,29 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_serve")
     args = ap.parse_args(argv)
 
-    runs = {}
-    for mode in ("colocated", "disaggregated"):
-        proc, url = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}"])
-        try:
-            idle(url, args)  # warm-up
-            base = idle(url, args)
-            runs[mode] = {"idle": base, "rates": {}}
+    modes = ("colocated", "disaggregated")
+    servers = {}
+    try:  # both jobs stay up (an idle one only polls) and take turns, so load from elsewhere hits both alike
+        for mode in modes:
+            servers[mode] = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}"])
+        runs = {mode: {"rates": {}} for mode in modes}
+        for mode in modes:
+            idle(servers[mode][1], args)  # warm-up
+        for mode in modes:
+            base = runs[mode]["idle"] = idle(servers[mode][1], args)
             print(f"{mode}: idle TPOT {base['tpot'] * 1e3:.1f} ms, idle long TTFT {base['ttft_long'] * 1e3:.0f} ms",
                   flush=True)
-            for rate in args.rates:
+        for rate in args.rates:
+            for mode in modes:
+                url = servers[mode][1]
                 kv0, ttft0 = (metric_sum(url, f"dist_serve_{m}_sum") for m in ("kv_transfer_seconds", "ttft_seconds"))
                 results = asyncio.run(load(url, rate, args.requests, args.long_share, args.long_len, args.short_len,
                                            args.max_tokens, seed=int(rate * 1000)))
                 kv1, ttft1 = (metric_sum(url, f"dist_serve_{m}_sum") for m in ("kv_transfer_seconds", "ttft_seconds"))
                 runs[mode]["rates"][rate] = {"results": results, "kv_share_of_ttft": (kv1 - kv0) / max(ttft1 - ttft0, 1e-9)}
-                print(f"  rate {rate}: done", flush=True)
-        finally:
+                print(f"  {mode} rate {rate}: done", flush=True)
+    finally:
+        for proc, _ in servers.values():
             stop(proc)
 
     slo_ttft = args.slo_ttft * runs["colocated"]["idle"]["ttft_long"]

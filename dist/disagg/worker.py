@@ -5,8 +5,8 @@ request of its running batch per step), or both (colocated: each step prefills u
 serve.chunk_tokens prompt tokens beside the decodes, Sarathi-style chunked prefill). Requests join the
 running batch when their KV lands and leave it the step they finish: continuous batching.
 
-A prefilled sequence whose decode rank is another worker goes to the KVSender of that pair; its pages
-are freed when the transfer is DONE. Everything the worker learns (new requests, aborts, KV that
+A prompt whose decode rank is another worker streams its KV to that worker layer by layer while it
+runs (the pair's KVSender); its pages are freed when the transfer is DONE. Everything the worker learns (new requests, aborts, KV that
 arrived) comes through one inbox, so the loop is the only writer of its state.
 """
 
@@ -41,10 +41,10 @@ class Batch:
 class Worker:
     def __init__(self, rank: int, *, prefills: bool, decodes: bool, runner: Runner, tokenizer, ctrl,
                  senders: dict[int, KVSender], max_batch: int, chunk_tokens: int):
-        self.receivers: list = []  # KVReceivers feeding this worker (joined at the end)
         self.rank, self.prefills, self.decodes = rank, prefills, decodes
         self.runner, self.cache, self.tokenizer = runner, runner.cache, tokenizer
         self.ctrl, self.senders = ctrl, senders
+        self.receivers: list = []                   # KVReceivers feeding this worker (joined at the end)
         self.max_batch = max_batch
         self.chunk_tokens = chunk_tokens if decodes else 1 << 62  # a prefill-only worker runs whole prompts
         self.inbox: queue.Queue = queue.Queue()
