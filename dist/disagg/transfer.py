@@ -7,11 +7,13 @@
     t = sender.send(seq)                                        # or all at once, after the prompt ran
     receiver = KVReceiver(ch, cache, generation, deliver)       # decode side: deliver(seq), its own thread
 
-Per request: the prefill side sends a header (request id, generation, token count, page count), then
-each layer's packed pages as soon as the prompt's forward has written them (the transfer overlaps the
-prefill), then the Sequence (prompt, first token, sampling parameters) and the checksum of all pages;
-the decode side allocates its pages at the header, writes each layer as it lands, checks generation
-and checksum, acknowledges and hands the Sequence (now holding its own pages) to `deliver(seq)`. KV
+Per request: the prefill side sends a header (request id, generation, token count, page count) and the
+Sequence (prompt, sampling parameters) before the prompt runs, then each layer's packed pages as soon as
+the prompt's forward has written them (the transfer overlaps the prefill), then a trailer (checksum of
+all pages, first token, characters already streamed); the decode side allocates its pages at the
+header, writes each layer as it lands, checks generation and checksum, answers with a code and hands
+the Sequence (now holding its own pages) to `deliver(seq)`. After the prompt's forward only the last
+layer, the trailer and the answer are left to move. KV
 from another generation of workers (a restart) or with a wrong checksum is dropped and answered
 FAILED: stale KV is never used. An idle sender sends a heartbeat header every `heartbeat_s`, so a
 silent receiver means a dead or stuck peer. `KVTransfer.seconds` is the part the prefill did not hide:
@@ -26,7 +28,7 @@ import queue
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +39,8 @@ from .sampling import Sequence
 log = logging.getLogger("dist.disagg")
 
 HEARTBEAT, CLOSE = -1, -2  # header request ids that carry no KV
+REFUSALS = {1: "stale KV from another generation of workers", 2: "KV arrived corrupted (checksum mismatch)",
+            3: "no free KV pages on the decode worker"}  # the decode side's answer codes (0: ok)
 
 
 class KVPoll(enum.Enum):
@@ -143,23 +147,27 @@ class KVSender:
 
     def _send_one(self, t: KVTransfer) -> None:
         t.state = KVPoll.TRANSFERRING
+        seq = t.seq
         n_blocks = self.cache.layout.blocks_for(t.n_tokens)
-        self.ch.send_tensor(torch.tensor([t.seq.rid, self.generation, t.n_tokens, n_blocks, 0]))
+        self.ch.send_tensor(torch.tensor([seq.rid, self.generation, t.n_tokens, n_blocks, 0]))
+        self.ch.send(Sequence(seq.rid, seq.prompt, seq.params, seq.decode_rank))  # what is known before the prompt runs
         crc = 0
         for _ in range(self.cache.layout.n_layers):  # each layer as soon as the prompt's forward wrote it
             packed = t.parts.get()
             crc = checksum(packed, crc)
             self.ch.send_tensor(packed)
             t.nbytes += packed.numel() * packed.element_size()
-        _, seq = t.parts.get()
-        self.ch.send(None if seq is None else replace(seq, blocks=[]))
-        self.ch.send_tensor(torch.tensor([crc]))
-        ok = self.ch.recv()  # "ok" or the receiver's reason
+        _, done = t.parts.get()
+        if done is not None:
+            assert len(done.output) == 1, "a prefilled sequence carries exactly its first token"
+        # trailer: checksum, first token (-1: the request already finished), characters already streamed
+        self.ch.send_tensor(torch.tensor([crc, -1 if done is None else done.output[0], 0 if done is None else done.sent]))
+        code = int(self.ch.recv_tensor((1,), torch.int64))
         t.seconds = time.perf_counter() - t.finished_at
-        if ok == "ok":
+        if code == 0:
             t.state = KVPoll.DONE
         else:
-            t.state, t.error = KVPoll.FAILED, ok
+            t.state, t.error = KVPoll.FAILED, f"request {seq.rid}: {REFUSALS[code]}"
 
     def _fail_rest(self, why: str) -> None:
         while True:
@@ -197,6 +205,7 @@ class KVReceiver:
             return True
         lay = self.cache.layout
         blocks = self.cache.manager.allocate(n_blocks)  # pre-allocated before the pages arrive
+        seq: Sequence = self.ch.recv()
         crc = 0
         for layer in range(lay.n_layers):
             packed = self.ch.recv_tensor((2, n_blocks, lay.block_size, lay.n_kv_heads, lay.head_dim),
@@ -204,23 +213,17 @@ class KVReceiver:
             crc = checksum(packed, crc)
             if blocks is not None:
                 self.cache.unpack_layer(layer, blocks, packed)
-        seq: Sequence | None = self.ch.recv()
-        sent_crc = int(self.ch.recv_tensor((1,), torch.int64))
-        problem = ""
-        if generation != self.generation:
-            problem = f"stale KV for request {rid}: generation {generation}, this worker is {self.generation}"
-        elif crc != sent_crc:
-            problem = f"KV of request {rid} arrived corrupted (checksum mismatch)"
-        elif blocks is None:
-            problem = f"no free KV pages for request {rid} ({n_blocks} needed, {self.cache.manager.num_free} free)"
-        if problem or seq is None:  # the pages (possibly written) go back unused
+        sent_crc, token, streamed = self.ch.recv_tensor((3,), torch.int64).tolist()
+        code = 1 if generation != self.generation else 2 if crc != sent_crc else 3 if blocks is None else 0
+        if code or token < 0:  # refused, or the request finished with its first token: the pages go back unused
             if blocks is not None:
                 self.cache.manager.free(blocks)
-            if problem:
-                log.warning("%s: dropped", problem)
-            self.ch.send(problem or "ok")  # seq None: the request finished with its first token; nothing to do
+            if code:
+                log.warning("KV of request %d dropped: %s (generation %d here %d)", rid, REFUSALS[code], generation,
+                            self.generation)
+            self.ch.send_tensor(torch.tensor([code]))
             return True
-        self.ch.send("ok")
-        seq.blocks, seq.n_cached = blocks, n_tokens
+        self.ch.send_tensor(torch.tensor([0]))
+        seq.output, seq.sent, seq.blocks, seq.n_cached = [token], streamed, blocks, n_tokens
         self.deliver(seq)
         return True
