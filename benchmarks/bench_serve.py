@@ -6,12 +6,14 @@
 Both modes run as torchrun jobs of the same shape (router + 2 workers: prefill + decode, or two
 colocated workers with chunked prefill), up at the same time and taking turns: warmed up, measured idle
 (one request at a time: a short prompt's TPOT, a long prompt's TTFT), then loaded with the same
-Poisson arrivals at each rate over the streaming API, colocated then disaggregated per rate. Per request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between
-chunks), TPOT ((E2E - TTFT) / (tokens - 1)), E2E. The SLO is relative to the idle figures (TTFT <= slo_ttft x idle long TTFT, TPOT <= slo_tpot x idle
-TPOT, the slower mode's idle figures, so both modes face the same bar); attainment is the share of requests meeting
-both, goodput the highest rate with attainment >= 90%. The KV transfer share of TTFT comes from the
-server's own histograms (/metrics). Writes results/bench_serve.json, a dated markdown table and a plot
-of attainment against rate. On CPU only ratios mean anything.
+Poisson arrivals at each rate over the streaming API, colocated then disaggregated per rate. Per
+request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between chunks),
+TPOT ((E2E - TTFT) / (tokens - 1)), E2E. The SLO is relative to idle (TTFT <= slo_ttft x idle long
+TTFT, TPOT <= slo_tpot x idle TPOT, from the slower mode's idle figures, so both modes face the same
+bar); attainment is the share of requests meeting both, goodput the highest rate with attainment
+>= 90%. The KV transfer share of TTFT comes from the server's own histograms (/metrics). Writes
+results/bench_serve.json, a dated markdown table and a plot of attainment against rate. On CPU only
+ratios mean anything.
 """
 
 from __future__ import annotations
