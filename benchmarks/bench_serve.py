@@ -117,7 +117,8 @@ def idle(url: str, args) -> dict:
             long = [await one(client, url, "L" + "x" * (args.long_len - 2), args.max_tokens) for _ in range(5)]
             return short, long
     short, long = asyncio.run(run())
-    return {"tpot": float(np.median([r["tpot"] for r in short])), "ttft_long": float(np.median([r["ttft"] for r in long])),
+    return {"tpot": float(np.median([r["tpot"] for r in short])),
+            "ttft_long": float(np.median([r["ttft"] for r in long])),
             "ttft_short": float(np.median([r["ttft"] for r in short]))}
 
 
@@ -178,7 +179,8 @@ def main(argv=None):
                 results = asyncio.run(load(url, rate, args.requests, args.long_share, args.long_len, args.short_len,
                                            args.max_tokens, seed=int(rate * 1000)))
                 kv1, ttft1 = (metric_sum(url, f"dist_serve_{m}_sum") for m in ("kv_transfer_seconds", "ttft_seconds"))
-                runs[mode]["rates"][rate] = {"results": results, "kv_share_of_ttft": (kv1 - kv0) / max(ttft1 - ttft0, 1e-9)}
+                share = (kv1 - kv0) / max(ttft1 - ttft0, 1e-9)
+                runs[mode]["rates"][rate] = {"results": results, "kv_share_of_ttft": share}
                 print(f"  {mode} rate {rate}: done", flush=True)
     finally:
         for proc, _ in servers.values():
@@ -219,7 +221,8 @@ def main(argv=None):
                          f"{s['kv_share_of_ttft']:.1%} | {s['failed']} |")
     d, c = table["disaggregated"], table["colocated"]
     ratio = f"{d['goodput_rps'] / c['goodput_rps']:.2f}" if c["goodput_rps"] else "n/a (colocated 0)"
-    lines += ["", f"Idle TPOT: disaggregated {d['idle']['tpot'] * 1e3:.1f} ms, colocated {c['idle']['tpot'] * 1e3:.1f} ms.",
+    lines += ["", f"Idle TPOT: disaggregated {d['idle']['tpot'] * 1e3:.1f} ms, "
+                  f"colocated {c['idle']['tpot'] * 1e3:.1f} ms.",
               f"Goodput (highest rate with >= 90% attainment): disaggregated {d['goodput_rps']:g}/s, colocated "
               f"{c['goodput_rps']:g}/s, ratio {ratio}."]
     text = "\n".join(lines) + "\n"

@@ -378,7 +378,8 @@ def test_chat_prompt_plain_template_and_params():
     from dist.disagg.api import parse_request
 
     tok = ByteTokenizer()
-    body = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = {"model": "tiny", "messages": messages,
             "max_completion_tokens": 5, "temperature": 0, "stop": "\n", "seed": 4}
     prompt, params, stream = parse_request(body, True, "tiny", tok, max_model_len=256)
     assert tok.decode(prompt) == "system: Be brief.\nuser: Hi\nassistant:"

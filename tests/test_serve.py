@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from dist.models import ByteTokenizer, build_model
 from tests.multirank import free_port

@@ -161,7 +161,8 @@ class KVSender:
         if done is not None:
             assert len(done.output) == 1, "a prefilled sequence carries exactly its first token"
         # trailer: checksum, first token (-1: the request already finished), characters already streamed
-        self.ch.send_tensor(torch.tensor([crc, -1 if done is None else done.output[0], 0 if done is None else done.sent]))
+        token, streamed = (-1, 0) if done is None else (done.output[0], done.sent)
+        self.ch.send_tensor(torch.tensor([crc, token, streamed]))
         code = int(self.ch.recv_tensor((1,), torch.int64))
         t.seconds = time.perf_counter() - t.finished_at
         if code == 0:

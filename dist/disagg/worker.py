@@ -6,8 +6,9 @@ serve.chunk_tokens prompt tokens beside the decodes, Sarathi-style chunked prefi
 running batch when their KV lands and leave it the step they finish: continuous batching.
 
 A prompt whose decode rank is another worker streams its KV to that worker layer by layer while it
-runs (the pair's KVSender); its pages are freed when the transfer is DONE. Everything the worker learns (new requests, aborts, KV that
-arrived) comes through one inbox, so the loop is the only writer of its state.
+runs (the pair's KVSender); its pages are freed when the transfer is DONE. Everything the worker
+learns (new requests, aborts, KV that arrived) comes through one inbox, so the loop is the only
+writer of its state.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .channel import Abort, Event, PeerGone, Report, Request, Stop
-from .kvcache import PagedKVCache
 from .runner import Runner
 from .sampling import Sequence, sample
 from .transfer import KVPoll, KVSender, KVTransfer
