@@ -106,7 +106,18 @@ class RuntimeConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    mode: str = "disaggregated"   # "disaggregated" | "colocated"
+    mode: str = "disaggregated"   # "disaggregated" | "colocated" (every worker prefills and decodes)
+    prefill_ranks: list = field(default_factory=list)  # [] = default roles (see dist.disagg.roles)
+    decode_ranks: list = field(default_factory=list)   # [] = default roles
+    prefill_group: int = 1        # ranks per prefill worker; > 1: prompts run with ring attention across them
+    model_name: str = ""          # the id /v1/models reports; "" = model.path's folder name or model.preset
+    block_size: int = 16          # tokens per KV page
+    num_blocks: int = 1024        # KV pages per worker
+    max_batch: int = 32           # most requests in one worker's running batch
+    chunk_tokens: int = 256       # colocated: prompt tokens prefilled per step beside the decodes
+    max_model_len: int = 0        # prompt + completion tokens per request; 0 = the model's max_seq_len
+    request_timeout_s: float = 60.0  # a request not finished by then gets 503 / an error event
+    seed: int = 0                 # seed of the tiny model's random weights (no model.path)
 
 
 @dataclass
@@ -313,6 +324,15 @@ def validate(cfg: Config) -> None:
     if f.group_size < least:
         raise ConfigError(f"config key 'fault.group_size' must be >= {least} with fault.parity = {f.parity!r}, "
                           f"got {f.group_size}")
+    for key in ("block_size", "num_blocks", "max_batch", "chunk_tokens", "request_timeout_s", "prefill_group"):
+        if getattr(cfg.serve, key) <= 0:
+            raise ConfigError(f"config key 'serve.{key}' must be > 0, got {getattr(cfg.serve, key)!r}")
+    if cfg.serve.max_model_len < 0:
+        raise ConfigError(f"config key 'serve.max_model_len' must be >= 0, got {cfg.serve.max_model_len}")
+    for key in ("prefill_ranks", "decode_ranks"):
+        ranks = getattr(cfg.serve, key)
+        if not all(type(r) is int and r >= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+            raise ConfigError(f"config key 'serve.{key}' must list distinct ranks >= 0, got {ranks!r}")
     heads = PRESETS[cfg.model.preset].n_heads
     if cfg.sp.strategy == "ulysses" and not cfg.model.path and heads % cfg.sp.degree:
         raise ConfigError(f"config key 'sp.strategy' = \"ulysses\" needs the model's heads ({heads}) divisible by "

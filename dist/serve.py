@@ -1,10 +1,195 @@
-"""The serving entry behind `python -m dist.launch serve`.
+"""The serving entry behind `python -m dist.launch serve`: prefill/decode disaggregation behind an
+OpenAI-compatible HTTP API.
 
-Prefill/decode disaggregation and the OpenAI-compatible HTTP server arrive
-with the serving issue; until then `serve` stops with a clear message.
+    torchrun --nproc-per-node 3 -m dist.launch serve        # router 0, prefill 1, decode 2
+    python -m dist.launch serve                             # one process: router + one worker
+
+Every rank loads the model, then plays its role (dist.disagg.roles): rank 0 runs the router and the
+HTTP server (and a worker loop in a thread when it also prefills or decodes); the other ranks run a
+worker loop. Links are built once, in the same order on every rank: router <-> each worker, and
+prefill -> decode for every pair, whose KV layouts are checked before anything is served.
 """
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist.config import ConfigError
+from dist.disagg.channel import DistChannel, LocalChannel
+from dist.disagg.kvcache import KVLayout, PagedKVCache
+from dist.disagg.roles import Roles
+from dist.disagg.runner import Runner
+from dist.disagg.transfer import KVReceiver, KVSender, handshake_recv, handshake_send
+from dist.disagg.worker import Worker
+from dist.runtime import Runtime, restart_count
+
+log = logging.getLogger("dist.serve")
+
+
+def load_model(cfg, device):
+    """(model, tokenizer, name): model.path (a Hugging Face Llama folder or a `train` checkpoint) or the
+    model.preset with fixed random weights (serve.seed). The tokenizer is the folder's tokenizer.json
+    (with its chat_template when tokenizer_config.json has one), else bytes."""
+    from dist.models import build_model, load_hf, load_tokenizer
+
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.path:
+        model = load_hf(cfg.model.path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(cfg.model.path)
+        conf = Path(cfg.model.path) / "tokenizer_config.json"
+        if conf.is_file():
+            try:
+                tokenizer.chat_template = json.loads(conf.read_text()).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{conf} is not valid JSON: {e}") from None
+        name = Path(cfg.model.path).resolve().name
+    else:
+        model = build_model(cfg.model.preset, seed=cfg.serve.seed, dtype=dtype).to(device)
+        tokenizer, name = load_tokenizer(None), cfg.model.preset
+    model.eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"model.path: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}")
+    return model, tokenizer, cfg.serve.model_name or name
+
+
+def build_links(rt: Runtime, roles: Roles):
+    """Process groups for every link, created in the same order on every rank; returns this rank's
+    (control channel to the router or {worker: channel} on the router, {decode: kv channel},
+    {prefill: kv channel}, (group, ranks) of its prefill group or None)."""
+    me = rt.rank
+    ctrl, to_decode, from_prefill = {}, {}, {}
+    for w in roles.workers:
+        if w == roles.router:
+            continue
+        down, up = dist.new_group([roles.router, w]), dist.new_group([roles.router, w])
+        if me == roles.router:
+            ctrl[w] = DistChannel(w, down, up, rt.device)
+        elif me == w:
+            ctrl[roles.router] = DistChannel(roles.router, up, down, rt.device)
+    ring = None  # (group, ranks) of this rank's prefill group
+    for ranks in roles.ring_groups:
+        if len(ranks) > 1:
+            group = dist.new_group(list(ranks))
+            if me in ranks:
+                ring = (group, ranks)
+    if roles.mode == "disaggregated":
+        for p in roles.prefill_leaders:
+            for d in roles.decode:
+                if p == d:
+                    continue
+                fwd, back = dist.new_group([p, d]), dist.new_group([p, d])
+                if me == p:
+                    to_decode[d] = DistChannel(d, fwd, back, rt.device)
+                elif me == d:
+                    from_prefill[p] = DistChannel(p, back, fwd, rt.device)
+    return ctrl, to_decode, from_prefill, ring
+
+
+def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, from_prefill, ring, device) -> Worker:
+    """A worker with its cache, KV senders and receivers; raises ValueError on a KV layout mismatch."""
+    prefills, decodes = roles.phases(rank)
+    cache = PagedKVCache(layout, cfg.serve.num_blocks, device)
+    generation = restart_count()
+    for ch in to_decode.values():
+        handshake_send(ch, layout)
+    for ch in from_prefill.values():
+        handshake_recv(ch, layout)
+    senders = {d: KVSender(ch, cache, generation) for d, ch in to_decode.items()}
+    runner = Runner(model, cache, *(ring or ()))
+    worker = Worker(rank, prefills=prefills, decodes=decodes, runner=runner, tokenizer=tokenizer,
+                    ctrl=ctrl, senders=senders, max_batch=cfg.serve.max_batch, chunk_tokens=cfg.serve.chunk_tokens)
+    worker.receivers = [KVReceiver(ch, cache, generation, worker.deliver) for ch in from_prefill.values()]
+    return worker
 
 
 def serve(cfg) -> None:
-    raise ValueError("serve is not available in this version yet: prefill/decode disaggregation and the "
-                     "HTTP API land with the serving issue (see README, Roadmap)")
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"serve needs {missing}: pip install 'dist[serve]'")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    roles = Roles.from_config(cfg.serve, world)
+    # Receiver threads (KV, control, HTTP) wake on I/O while the worker loop computes; with the default 5 ms
+    # switch interval each wake-up could wait that long for the interpreter lock.
+    sys.setswitchinterval(0.0005)
+    with Runtime.start(cfg) as rt:
+        model, tokenizer, name = load_model(cfg, rt.device)
+        max_model_len = cfg.serve.max_model_len or model.config.max_seq_len
+        if cfg.serve.num_blocks * cfg.serve.block_size < max_model_len:
+            raise ConfigError(f"config key 'serve.num_blocks' ({cfg.serve.num_blocks}) x serve.block_size "
+                              f"({cfg.serve.block_size}) holds fewer tokens than one request may use "
+                              f"({max_model_len}); raise it or lower serve.max_model_len")
+        layout = KVLayout.of(model.config, cfg.serve.block_size, getattr(torch, cfg.model.dtype))
+        ctrl, to_decode, from_prefill, ring = build_links(rt, roles)
+        if rt.rank == roles.router:
+            _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, ctrl, to_decode, from_prefill,
+                        rt.device)
+            return
+        signal.signal(signal.SIGTERM, lambda *_: log.warning("SIGTERM: draining until the router stops us"))
+        if rt.rank in roles.workers:
+            make_worker(rt.rank, roles, model, tokenizer, layout, cfg, ctrl[roles.router], to_decode, from_prefill,
+                        ring, rt.device).run()
+        else:  # a prefill group's follower: runs its leader's prompts with it
+            Runner(model, PagedKVCache(layout, 1, rt.device), *ring).follow()
+
+
+def _http_server(config):
+    """A uvicorn.Server that leaves signals to us: uvicorn re-raises SIGTERM after its shutdown, which would
+    end the process before the workers are told to stop."""
+    import contextlib
+
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext
+    return server
+
+
+def _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, channels, to_decode, from_prefill,
+                device) -> None:
+    import uvicorn
+
+    from dist.disagg.api import Metrics, build_app
+    from dist.disagg.router import Router
+
+    thread = None
+    if roles.router in roles.workers:  # rank 0 also prefills (N = 2) or is a colocated worker
+        mine, theirs = LocalChannel.pair(cfg.runtime.timeout_s)
+        channels = {**channels, roles.router: mine}
+        worker = make_worker(roles.router, roles, model, tokenizer, layout, cfg, theirs, to_decode, from_prefill,
+                             None, device)
+        thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+        thread.start()
+    metrics = Metrics()
+    router = Router(roles, channels, cfg.serve, metrics, layout.block_size)
+    app = build_app(router, name, tokenizer, cfg.serve, max_model_len, metrics)
+    server = _http_server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
+                                         timeout_graceful_shutdown=int(cfg.serve.request_timeout_s) + 1))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # drain: stop accepting, finish open requests, stop workers
+            loop.add_signal_handler(sig, server.handle_exit, sig, None)
+        router.start(loop)
+        log.info("serving %s on http://%s:%d (%s: prefill %s, decode %s)", name, cfg.serve.host, cfg.serve.port,
+                 roles.mode, list(roles.prefill), list(roles.decode))
+        await server.serve()  # returns after SIGTERM / SIGINT once open requests drained
+        await asyncio.to_thread(router.stop)
+
+    asyncio.run(main())
+    if thread is not None:
+        thread.join(timeout=10)
+    if not server.started:
+        raise ValueError(f"config key 'serve.port': could not listen on {cfg.serve.host}:{cfg.serve.port}")

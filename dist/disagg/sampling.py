@@ -1,0 +1,92 @@
+"""Sampling and the per-request sequence state that every worker (prefill or decode) advances.
+
+    params = SamplingParams(max_tokens=16, temperature=0.0)          # 0: greedy
+    seq = Sequence(rid=1, prompt=[...], params=params)
+    token = sample(logits, params, step=len(seq.output))
+    delta, finish = seq.append(token, tokenizer)                      # text to stream, None | "stop" | "length"
+
+Sampling with temperature > 0 draws from a generator seeded by (seed, step), so the same request gives
+the same tokens whichever worker draws each of them (disaggregated and colocated agree).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0      # 0: greedy (argmax)
+    top_p: float = 1.0            # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """One token id from logits [vocab]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep a token when the mass before it is below top_p (the most likely token is always kept)
+        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    gen = torch.Generator().manual_seed((params.seed * 1_000_003 + step) % (2 ** 63))
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+@dataclass(eq=False)  # identity: a worker finds its own sequence in its queues
+class Sequence:
+    """One request as a worker sees it; travels from prefill to decode worker with its KV."""
+
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    decode_rank: int = -1
+    output: list[int] = field(default_factory=list)
+    text: str = ""          # the detokenized output so far (stop string cut off)
+    sent: int = 0           # characters of `text` already streamed
+    blocks: list[int] = field(default_factory=list)
+    n_cached: int = 0       # positions whose KV is in `blocks`
+
+    def append(self, token: int, tokenizer) -> tuple[str, str | None]:
+        """Add a sampled token; return (text to stream now, finish reason or None)."""
+        self.output.append(token)
+        finish = None
+        if token == tokenizer.eos_id and not self.params.ignore_eos:
+            self.output.pop()  # EOS is not part of the text
+            finish = "stop"
+        text = tokenizer.decode(self.output)
+        for s in self.params.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if finish is None and len(self.output) >= self.params.max_tokens:
+            finish = "length"
+        if finish is None:  # hold back an unfinished UTF-8 character and a tail that may become a stop string
+            ready = len(text) - _holdback(text, self.params.stop)
+            if text.endswith("\ufffd"):  # maybe a character cut short: a UTF-8 character spans <= 4 tokens
+                ready = min(ready, len(os.path.commonprefix([text, tokenizer.decode(self.output[:-3])])))
+        else:
+            ready = len(text)
+        self.text = text
+        delta = text[self.sent:max(ready, self.sent)]
+        self.sent = max(ready, self.sent)
+        return delta, finish
