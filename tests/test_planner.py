@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from dist.seqpar import CostModel, candidate_groups, plan_scatter
+from dist.seqpar.profile import fit
+from dist.seqpar.profile import main as profile_main
 from dist.sim import LINK_PROFILES, Workload, bytes_per_rank
 
 # One rank per "node": every group pays the slow link, so heterogeneous plans matter.
@@ -64,6 +66,20 @@ def test_packed_pass_and_memory_and_json(tmp_path):
         CostModel.load(path)
     with pytest.raises(ValueError, match="strategy"):
         CostModel(strategy="zigzag")
+
+
+def test_profile_fit_recovers_coefficients_and_writes_a_loadable_model(tmp_path, capsys):
+    lengths = [128, 256, 512, 1024, 2048]
+    times = [3e-9 * n * n + 2e-5 * n + 4e-3 for n in lengths]
+    (attn_s, linear_s, const_s), errors = fit(lengths, times)
+    assert (attn_s, linear_s, const_s) == pytest.approx((3e-9, 2e-5, 4e-3), rel=1e-6)
+    assert max(abs(e) for e in errors) < 1e-9
+    out = tmp_path / "cost.json"
+    assert profile_main(["--lengths", "16,32,64", "--repeats", "1", "--out", str(out)]) == 0
+    cm = CostModel.load(out)
+    assert cm.n_layers == 2 and cm.heads_q == 4 and cm.heads_kv == 2  # the tiny preset's shapes
+    assert cm.time(64, 1) > 0 and "fit error" in capsys.readouterr().out
+    assert profile_main(["--lengths", "16,32", "--out", str(out)]) == 2
 
 
 # ---------------------------------------------------------------- plans
