@@ -66,6 +66,10 @@ class SPConfig:
     strategy: str = "tokenring"   # "tokenring" | "ring" | "allgather" | "auto" | "ulysses"
     layout: str = "zigzag"        # "zigzag" | "contiguous"
     check_inputs: str = "once"    # cross-rank input checks of attention calls: "once" per call signature | "always"
+    # heterogeneous scattering planner (dist.seqpar.plan_scatter, docs/planner.md)
+    cost_model: str = ""          # CostModel JSON (`python -m dist.seqpar.profile`); "" = from model.preset's flops
+    plan_time_limit_s: float = 1.0  # planner budget per step; 0 = the greedy plan only
+    max_tokens_per_rank: int = 0  # tokens one rank holds at once; 0 = the memory estimate decides
 
 
 @dataclass
@@ -267,6 +271,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'checkpoint.resume' = \"latest\" needs 'checkpoint.dir'")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"config key 'serve.port' must be in 1..65535, got {cfg.serve.port}")
+    if cfg.sp.cost_model and not os.path.isfile(cfg.sp.cost_model):
+        raise ConfigError(f"config key 'sp.cost_model': file not found: {cfg.sp.cost_model}")
+    if cfg.sp.plan_time_limit_s < 0 or cfg.sp.max_tokens_per_rank < 0:
+        key = "sp.plan_time_limit_s" if cfg.sp.plan_time_limit_s < 0 else "sp.max_tokens_per_rank"
+        raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg.sp, key.split('.')[1])!r}")
     heads = PRESETS[cfg.model.preset].n_heads
     if cfg.sp.strategy == "ulysses" and not cfg.model.path and heads % cfg.sp.degree:
         raise ConfigError(f"config key 'sp.strategy' = \"ulysses\" needs the model's heads ({heads}) divisible by "

@@ -82,6 +82,21 @@ def test_profile_fit_recovers_coefficients_and_writes_a_loadable_model(tmp_path,
     assert profile_main(["--lengths", "16,32", "--out", str(out)]) == 2
 
 
+def test_config_keys(tmp_path):
+    from dist.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model.preset=llama3-8b", "sp.strategy=auto"])
+    cm = CostModel.from_config(cfg)
+    assert (cm.heads_q, cm.heads_kv, cm.n_layers, cm.strategy) == (32, 8, 32, "auto")
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps(CM.to_dict()))
+    assert CostModel.from_config(load_config(None, [f"sp.cost_model='{path}'"])) == CM
+    with pytest.raises(ConfigError, match="sp.cost_model"):
+        load_config(None, ["sp.cost_model='/nonexistent.json'"])
+    with pytest.raises(ConfigError, match="sp.plan_time_limit_s"):
+        load_config(None, ["sp.plan_time_limit_s=-1"])
+
+
 # ---------------------------------------------------------------- plans
 
 def check_plan(plan, lens, world, cap, cm):

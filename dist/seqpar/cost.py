@@ -207,3 +207,13 @@ class CostModel:
             "linear_s": 6 * params / matmul_flops_per_s,
             "heads_q": model.n_heads, "heads_kv": model.n_kv_heads, "head_dim": hd, "n_layers": model.n_layers,
             **changes})
+
+    @classmethod
+    def from_config(cls, cfg) -> "CostModel":
+        """The cost model a run uses: sp.cost_model's JSON, else model.preset's flops at H100 rates with
+        sp.strategy (a dist.config.Config)."""
+        if cfg.sp.cost_model:
+            return cls.load(cfg.sp.cost_model)
+        from dist.models.llama import PRESETS
+
+        return cls.for_model(PRESETS[cfg.model.preset], strategy=cfg.sp.strategy)
