@@ -171,7 +171,7 @@ def main(argv=None):
                            args.seed)
     else:
         plan = plan_times(wiki, cm, cap, [8, 32, 64, 256], [64, 256, 1024], 10, args.time_limit, args.seed)
-        step = step_ratios(sources, cm, cap, args.max_context, [16, 64, 128], 10, args.tokens_per_rank,
+        step = step_ratios(sources, cm, cap, args.max_context, [16, 64, 128], 30, args.tokens_per_rank,
                            args.time_limit, args.seed)
     result = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "

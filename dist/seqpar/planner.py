@@ -206,12 +206,13 @@ def lp_solver(name: str, time_limit_s: float):
         import pulp
     except ImportError:
         return None
-    with warnings.catch_warnings():  # PuLP 3.3 warns that 4.0 drops the bundled CBC (not on Python 3.11)
+    with warnings.catch_warnings():  # PuLP 3.3 warns that 4.0 drops the bundled CBC
         warnings.simplefilter("ignore", DeprecationWarning)
         if name == "highs":
             s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
-        else:
-            s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1, warmStart=True)
+        else:  # PuLP 4 (Python >= 3.12) has no bundled CBC: COIN_CMD finds a cbc on the PATH
+            cbc = getattr(pulp, "PULP_CBC_CMD", None) or pulp.COIN_CMD
+            s = cbc(msg=False, timeLimit=time_limit_s, threads=1, warmStart=True)
     return s if s.available() else None
 
 
