@@ -227,3 +227,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="sequence 0 .*heads_q=6"):  # needs 2 ranks; no size > 1 divides 3
         plan_scatter([150], 4, max_tokens_per_rank=100, cost_model=ulysses)
     assert plan_scatter([90, 80], 4, max_tokens_per_rank=100, cost_model=ulysses).predicted_step_s > 0
+    assert plan_scatter([], 4, max_tokens_per_rank=100, cost_model=CM).microbatches == []

@@ -126,6 +126,8 @@ def plan_scatter(seq_lens, world_size: int, *, max_tokens_per_rank: int, cost_mo
                              f"strategy {cm.strategy!r} needs the group size to divide heads_q={cm.heads_q} and "
                              f"heads_kv={cm.heads_kv}; use a ring strategy")
     deadline = start + time_limit_s
+    if not lens:
+        return Plan([], 0.0, "greedy", time.perf_counter() - start)
 
     microbatches, used_lp = [], False
     batches = split_microbatches(lens, world_size, cap, cm, usable)
