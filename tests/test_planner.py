@@ -190,6 +190,18 @@ def test_random_plans_keep_every_constraint(seed):
     assert plan.predicted_step_s <= greedy.predicted_step_s * (1 + 1e-12)
 
 
+def test_pooled_program_on_a_large_micro_batch():
+    # 64 ranks, 8 per node, 300 long-tailed lengths: too many group slots for the exact program
+    rng = random.Random(7)
+    lens = [min(int(rng.paretovariate(1.1) * 300), 60000) for _ in range(300)] + [60000]
+    cm = CostModel(strategy="auto")
+    plan = plan_scatter(lens, 64, max_tokens_per_rank=16384, cost_model=cm, time_limit_s=10)
+    greedy = plan_scatter(lens, 64, max_tokens_per_rank=16384, cost_model=cm, time_limit_s=0)
+    check_plan(plan, lens, 64, 16384, cm)
+    assert plan.solver == "lp" and plan.predicted_step_s < greedy.predicted_step_s
+    assert len({len(g.ranks) for g in plan.microbatches[0]}) > 1
+
+
 def test_greedy_fallback_without_pulp(monkeypatch):
     lens = [300, 5000, 120, 900, 2500, 60]
     monkeypatch.setitem(sys.modules, "pulp", None)  # import pulp raises ImportError

@@ -319,10 +319,10 @@ def slot_program(bks, lens, world_size, cap, cm, eligible, slots, warm, backend)
 
 def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadline) -> list[Group] | None:
     """The groups of one size d as a pool: integer k_d groups and m[b, d] sequences of bucket b among
-    them. For a target time T the pool's work must fit k_d * T and no sequence in it may take longer
-    than T: linear once T is fixed, so T is bisected between a lower bound and the best plan's
-    makespan, each feasible program rounded (longest-first placement in each pool) and kept when
-    its real makespan is better."""
+    them (fractional in the program, made whole by largest remainders). For a target time T the pool's work must fit k_d * T and no sequence in it may take longer
+    than T: linear once T is fixed, so T steps down from the best plan's makespan (feasibility
+    near the best is quick to find; far below it, slow to refute), each feasible solution rounded
+    (longest-first placement in each pool) and kept when its real makespan is better."""
     import pulp
 
     usable = list(eligible)
@@ -331,17 +331,19 @@ def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadl
                  for b in range(len(bks)) for d in usable}
     best, best_t = None, makespan(warm, lens, cm)
     lo = max(min(longest_t[b, d] for d in usable if b in eligible[d]) for b in range(len(bks)))
-    hi = best_t
-    while hi - lo > 0.01 * hi:
+    step = 0.04  # aim this fraction below the best plan so far: twice as far after a win, half after a miss
+    while step >= 0.005 and best_t * (1 - step) >= lo:
         backend = lp_solver(solver, deadline - time.perf_counter() - SOLVER_OVERHEAD_S)
         if backend is None:
             break
-        target = (lo + hi) / 2
+        target = best_t * (1 - step)
         prob = pulp.LpProblem("scatter_pooled", pulp.LpMinimize)
         k = {d: prob.add_variable(f"k_{d}", lowBound=0, upBound=world_size // d, cat="Integer") for d in usable}
-        m = {(b, d): prob.add_variable(f"m_{b}_{d}", lowBound=0, upBound=count[b], cat="Integer")
+        m = {(b, d): prob.add_variable(f"m_{b}_{d}", lowBound=0, upBound=count[b])  # counts: rounded below
              for d in usable for b in eligible[d] if longest_t[b, d] <= target}
-        prob += pulp.lpSum(d * k[d] for d in usable)  # fewest ranks: the rest go to the slowest pool
+        # fewest rank-seconds of work: sequences on the sizes that run them cheapest, ranks to spare
+        prob += pulp.lpSum(d * (mean_t[b, d] * v) for (b, d), v in m.items()) + pulp.lpSum(
+            d * cm.pass_time(d) * k[d] for d in usable)
         prob += pulp.lpSum(d * k[d] for d in usable) <= world_size
         for b in range(len(bks)):
             prob += pulp.lpSum(m[b, d] for d in usable if (b, d) in m) == count[b]
@@ -352,16 +354,23 @@ def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadl
         groups = None
         if solve(prob, backend):
             pools = {d: int(round(k[d].varValue)) for d in usable}
-            taken = {key: int(round(v.varValue)) for key, v in m.items()}
-            groups = round_pools(bks, lens, world_size, cap, cm, pools, taken)
+            groups = round_pools(bks, lens, world_size, cap, cm, pools, whole_counts(m, count))
         t = makespan(groups, lens, cm) if groups else math.inf
         if t < best_t:
-            best, best_t = groups, t
-        if groups is None:
-            lo = target
+            best, best_t, step = groups, t, step * 2
         else:
-            hi = min(hi, t) if t < hi else target
+            step /= 2
     return best
+
+
+def whole_counts(m, count) -> dict:
+    """Fractional bucket counts per size -> whole ones with the same totals (largest remainders first)."""
+    out = {key: math.floor(v.varValue + 1e-9) for key, v in m.items()}
+    for b, total in enumerate(count):
+        keys = sorted((key for key in m if key[0] == b), key=lambda key: (out[key] - m[key].varValue, key))
+        for key in keys[:total - sum(out[key] for key in keys)]:
+            out[key] += 1
+    return out
 
 
 def round_pools(bks, lens, world_size, cap, cm, pools, taken) -> list[Group] | None:
@@ -383,13 +392,18 @@ def round_pools(bks, lens, world_size, cap, cm, pools, taken) -> list[Group] | N
             filled[d] = fill(ids, lens, pools[d], d, cap, cm)
             if filled[d] is None:
                 return None
-    while filled:
-        slowest = max(filled, key=lambda d: (max(cm.group_time([lens[i] for i in g], d) for g in filled[d]), d))
-        if slowest > spare:
+    while True:  # spare ranks: one more group for the slowest pool that fits in them, while that helps
+        times = {d: max(cm.group_time([lens[i] for i in g], d) for g in gs) for d, gs in filled.items()}
+        fits = [d for d in filled if d <= spare]
+        if not fits or max(times[d] for d in fits) < max(times.values()):
             break
-        pools[slowest] += 1
-        spare -= slowest
-        filled[slowest] = fill(members[slowest], lens, pools[slowest], slowest, cap, cm)
+        d = max(fits, key=lambda d: (times[d], d))
+        more = fill(members[d], lens, pools[d] + 1, d, cap, cm)
+        if max(cm.group_time([lens[i] for i in g], d) for g in more) >= times[d]:
+            break
+        pools[d] += 1
+        spare -= d
+        filled[d] = more
     sizes, groups = [], []
     for d, gs in filled.items():
         for g in gs:
