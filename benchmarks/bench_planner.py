@@ -28,13 +28,12 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dist.seqpar import CostModel, plan_scatter  # noqa: E402
-from dist.seqpar.planner import greedy_microbatch, makespan, split_microbatches  # noqa: E402
+from dist.seqpar.planner import degrees, greedy_microbatch, makespan, split_microbatches  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WIKIPEDIA = "/work/shared/data/wikipedia_seq_lengths.txt.gz"
@@ -70,7 +69,8 @@ def plan_times(wiki, cm, cap, worlds, counts, repeats, time_limit_s, seed):
     rng = np.random.default_rng(seed)
     plan_scatter([100] * 4, 4, max_tokens_per_rank=cap, cost_model=cm)  # warm-up: dist.sim's bytes, solver start
     for world in worlds:
-        cm.time(1024, world)
+        for d in degrees(world):  # dist.sim's bytes per group size: once per cost model, not per plan
+            cm.time(1024, d)
         for count in counts:
             times, fallbacks, micro = [], 0, []
             for _ in range(repeats):

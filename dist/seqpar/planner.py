@@ -392,17 +392,20 @@ def round_pools(bks, lens, world_size, cap, cm, pools, taken) -> list[Group] | N
             filled[d] = fill(ids, lens, pools[d], d, cap, cm)
             if filled[d] is None:
                 return None
-    while True:  # spare ranks: one more group for the slowest pool that fits in them, while that helps
+    while True:  # spare ranks: more groups for the slowest pool that fits in them, while that helps
         times = {d: max(cm.group_time([lens[i] for i in g], d) for g in gs) for d, gs in filled.items()}
         fits = [d for d in filled if d <= spare]
         if not fits or max(times[d] for d in fits) < max(times.values()):
             break
         d = max(fits, key=lambda d: (times[d], d))
-        more = fill(members[d], lens, pools[d] + 1, d, cap, cm)
-        if max(cm.group_time([lens[i] for i in g], d) for g in more) >= times[d]:
+        for add in sorted({max(1, min(spare // d, pools[d] // 2)), 1}, reverse=True):  # many at once, else one
+            more = fill(members[d], lens, pools[d] + add, d, cap, cm)
+            if max(cm.group_time([lens[i] for i in g], d) for g in more) < times[d]:
+                break
+        else:
             break
-        pools[d] += 1
-        spare -= d
+        pools[d] += add
+        spare -= d * add
         filled[d] = more
     sizes, groups = [], []
     for d, gs in filled.items():
