@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dist.seqpar import CostModel, plan_scatter  # noqa: E402
-from dist.seqpar.planner import degrees, greedy_microbatch, makespan, split_microbatches  # noqa: E402
+from dist.seqpar.planner import degrees, makespan, split_microbatches  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WIKIPEDIA = "/work/shared/data/wikipedia_seq_lengths.txt.gz"
@@ -56,8 +56,7 @@ def draw_batch(rng, source, tokens: int, max_context: int) -> list[int]:
 
 def static_plan_s(lens, world, cap, cm, degree) -> float:
     """Predicted step of one fixed SP degree: micro-batches as needed, longest-first in each."""
-    batches = split_microbatches(lens, world, cap, cm, [degree])
-    return sum(makespan(greedy_microbatch(ids, lens, world, cap, cm, [degree]), lens, cm) for ids in batches)
+    return sum(makespan(plan, lens, cm) for _, plan in split_microbatches(lens, world, cap, cm, [degree]))
 
 
 def percentiles(xs, ps):

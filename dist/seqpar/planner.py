@@ -131,9 +131,7 @@ def plan_scatter(seq_lens, world_size: int, *, max_tokens_per_rank: int, cost_mo
 
     microbatches, used_lp = [], False
     batches = split_microbatches(lens, world_size, cap, cm, usable)
-    for m, ids in enumerate(batches):
-        best = greedy_microbatch(ids, lens, world_size, cap, cm, usable)
-        assert best is not None, "split_microbatches returned a micro-batch greedy cannot place"
+    for m, (ids, best) in enumerate(batches):
         budget = (deadline - time.perf_counter()) / (len(batches) - m) - SOLVER_OVERHEAD_S
         if budget > 0:
             lp = lp_microbatch(ids, lens, world_size, cap, cm, usable, best, budget, solver)
@@ -149,9 +147,9 @@ def makespan(groups: list[Group], lens: list[int], cm: CostModel) -> float:
     return max((cm.group_time([lens[i] for i in g.seq_ids], len(g.ranks)) for g in groups), default=0.0)
 
 
-def split_microbatches(lens, world_size, cap, cm, usable) -> list[list[int]]:
-    """Sequence ids per micro-batch: as few micro-batches as the greedy plan can place, the tokens
-    balanced between them (longest first, each to the micro-batch with the fewest tokens)."""
+def split_microbatches(lens, world_size, cap, cm, usable) -> list[tuple[list[int], list[Group]]]:
+    """(sequence ids, greedy plan) per micro-batch: as few micro-batches as the greedy plan can place,
+    the tokens balanced between them (longest first, each to the micro-batch with the fewest tokens)."""
     order = sorted(range(len(lens)), key=lambda i: (-lens[i], i))
     count = max(1, math.ceil(sum(lens) / (world_size * cap)))
     while True:
@@ -160,8 +158,9 @@ def split_microbatches(lens, world_size, cap, cm, usable) -> list[list[int]]:
             m = min(range(count), key=lambda b: (tokens[b], b))
             batches[m].append(i)
             tokens[m] += lens[i]
-        if all(greedy_microbatch(ids, lens, world_size, cap, cm, usable) is not None for ids in batches):
-            return [sorted(ids) for ids in batches if ids]
+        plans = [greedy_microbatch(ids, lens, world_size, cap, cm, usable) if ids else [] for ids in batches]
+        if all(p is not None for p in plans):
+            return [(sorted(ids), p) for ids, p in zip(batches, plans) if ids]
         count += 1
 
 
