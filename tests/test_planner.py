@@ -14,6 +14,7 @@ from dist.seqpar import CostModel, candidate_groups, plan_scatter
 from dist.seqpar.profile import fit
 from dist.seqpar.profile import main as profile_main
 from dist.sim import LINK_PROFILES, Workload, bytes_per_rank
+from tests.multirank import run_ranks
 
 # One rank per "node": every group pays the slow link, so heterogeneous plans matter.
 CM = CostModel(attn_s=2e-10, linear_s=1e-6, const_s=1e-4, heads_q=8, heads_kv=8, head_dim=64, n_layers=4,
@@ -224,6 +225,29 @@ def test_same_input_same_plan():
     a = plan_scatter(lens, 8, max_tokens_per_rank=4096, cost_model=CM, time_limit_s=5)
     b = plan_scatter(lens, 8, max_tokens_per_rank=4096, cost_model=CM, time_limit_s=5)
     assert a.microbatches == b.microbatches and a.predicted_step_s == b.predicted_step_s
+
+
+def _plan_on_rank_body(rank, world_size):
+    from dist.seqpar import plan_on_rank
+
+    lens = [700, 3000, 150, 2200, 40, 9000] if rank == 0 else [5] * (rank + 1)  # only rank 0's count
+    plan = plan_on_rank(lens, 8, max_tokens_per_rank=4096, cost_model=CM, time_limit_s=2)
+    try:
+        plan_on_rank([10, 99999] if rank == 0 else [1], 8, max_tokens_per_rank=4096, cost_model=CM)
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    return [[(g.ranks, g.seq_ids) for g in mb] for mb in plan.microbatches], error
+
+
+def test_rank_zero_plans_and_every_rank_gets_its_plan():
+    results = run_ranks(_plan_on_rank_body, 2, timeout_s=120)
+    local = plan_scatter([700, 3000, 150, 2200, 40, 9000], 8, max_tokens_per_rank=4096, cost_model=CM,
+                         time_limit_s=2)
+    expected = [[(g.ranks, g.seq_ids) for g in mb] for mb in local.microbatches]
+    for microbatches, error in results:
+        assert microbatches == expected
+        assert error.startswith("sequence 1 (99999 tokens)")
 
 
 def test_bad_input():

@@ -142,6 +142,25 @@ def plan_scatter(seq_lens, world_size: int, *, max_tokens_per_rank: int, cost_mo
     return Plan(microbatches, predicted, "lp" if used_lp else "greedy", time.perf_counter() - start)
 
 
+def plan_on_rank(seq_lens, world_size: int, *, src: int = 0, group=None, **kwargs) -> Plan:
+    """Global rank `src` plans (plan_scatter with these arguments) and broadcasts the plan over
+    `group` (torch.distributed, the default group when None), so every rank runs the same plan even
+    where a time-limited solve would differ between hosts. Call it on every rank of the group; the
+    other ranks' arguments are not used. A ValueError on `src` is raised on every rank."""
+    import torch.distributed as dist
+
+    box = [None]
+    if dist.get_rank() == src:
+        try:
+            box[0] = plan_scatter(seq_lens, world_size, **kwargs)
+        except ValueError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=src, group=group)
+    if isinstance(box[0], ValueError):
+        raise box[0]
+    return box[0]
+
+
 def makespan(groups: list[Group], lens: list[int], cm: CostModel) -> float:
     """The slowest group's time in a micro-batch."""
     return max((cm.group_time([lens[i] for i in g.seq_ids], len(g.ranks)) for g in groups), default=0.0)
