@@ -33,7 +33,7 @@ from .cost import CostModel
 
 MAX_BUCKETS = 12        # lengths per micro-batch program; beyond that, buckets of equal token mass
 SOLVERS = ("cbc", "highs")
-SLOT_VARS = 400         # the exact slot program up to this many assignment variables, else the pooled one
+SLOT_VARS = 100         # the exact slot program up to this many assignment variables, else the pooled one
 SOLVER_OVERHEAD_S = 0.25  # what a solver call and its rounding cost beyond the solver's limit (busy hosts: more)
 MIN_SOLVE_S = 0.02        # a solver call gets at least this long, or none
 
