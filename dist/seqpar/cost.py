@@ -47,9 +47,9 @@ def sim_comm(strategy: str, degree: int, heads_q: int, heads_kv: int, head_dim: 
         w = Workload(1, local, heads_q, heads_kv, head_dim, p, True, "zigzag", itemsize)
         return max(bytes_per_rank(strategy, w)) / local
 
-    if degree <= EXACT_DEGREE:
+    if degree <= EXACT_DEGREE or strategy == "ulysses":
         per_token = sent(degree)
-    else:  # bytes grow linearly in the group size past a few ranks; replaying costs degree^3
+    else:  # a ring strategy's bytes grow linearly in the group size; replaying them costs degree^3
         per_token = sent(EXACT_DEGREE) + (sent(EXACT_DEGREE) - sent(EXACT_DEGREE // 2)) * (
             degree - EXACT_DEGREE) / (EXACT_DEGREE // 2)
     rate = (profile.alltoall_Bps or profile.bandwidth_Bps) if strategy == "ulysses" else profile.bandwidth_Bps
