@@ -350,8 +350,10 @@ def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadl
     best, best_t = None, makespan(warm, lens, cm)
     lo = max(min(longest_t[b, d] for d in usable if b in eligible[d]) for b in range(len(bks)))
     step = 0.04  # aim this fraction below the best plan so far: twice as far after a win, half after a miss
+    last_s = 0.0  # the previous round's wall time: a round starts only if one as long still fits
     while step >= 0.005 and best_t * (1 - step) >= lo:
-        backend = lp_solver(solver, deadline - time.perf_counter() - SOLVER_OVERHEAD_S)
+        round_start = time.perf_counter()
+        backend = lp_solver(solver, deadline - round_start - max(SOLVER_OVERHEAD_S, last_s))
         if backend is None:
             break
         target = best_t * (1 - step)
@@ -378,6 +380,7 @@ def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadl
             best, best_t, step = groups, t, step * 2
         else:
             step /= 2
+        last_s = time.perf_counter() - round_start
     return best
 
 
