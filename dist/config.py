@@ -72,7 +72,7 @@ class SPConfig:
     adaptive: bool = False        # plan each batch over SP groups of different sizes (dist.seqpar planner)
     max_tokens_per_rank: int = 0  # adaptive: tokens a rank holds at once (0: the memory estimate / the batch)
     cost_model: str = ""          # adaptive: JSON from `python -m dist.seqpar.profile` ("": model flops on H100s)
-    plan_time_s: float = 1.0      # adaptive: the planner's time limit per step (0: greedy only)
+    plan_time_limit_s: float = 1.0  # adaptive: the planner's time limit per step (0: greedy only)
 
 
 @dataclass
@@ -280,7 +280,7 @@ def validate(cfg: Config) -> None:
     nonneg = {"train.warmup_steps": cfg.train.warmup_steps, "train.weight_decay": cfg.train.weight_decay,
               "train.grad_clip": cfg.train.grad_clip, "checkpoint.every": cfg.checkpoint.every,
               "runtime.threads": cfg.runtime.threads, "runtime.device_memory_gb": cfg.runtime.device_memory_gb,
-              "sp.max_tokens_per_rank": cfg.sp.max_tokens_per_rank, "sp.plan_time_s": cfg.sp.plan_time_s}
+              "sp.max_tokens_per_rank": cfg.sp.max_tokens_per_rank, "sp.plan_time_limit_s": cfg.sp.plan_time_limit_s}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")

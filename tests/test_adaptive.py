@@ -41,7 +41,7 @@ def _train(rank, world, overrides):
 def test_adaptive_four_ranks_equal_one_rank(tmp_path):
     base = SMALL + [f"log.dir={tmp_path}/log"]
     one = run_ranks(_train, 1, base, init_group=False, timeout_s=150)[0]
-    four = run_ranks(_train, 4, base + ["sp.adaptive=true", "sp.max_tokens_per_rank=96", "sp.plan_time_s=0.5"],
+    four = run_ranks(_train, 4, base + ["sp.adaptive=true", "sp.max_tokens_per_rank=96", "sp.plan_time_limit_s=0.5"],
                      init_group=False, timeout_s=240)
     from dist.models import build_model
 

@@ -51,15 +51,6 @@ def capacity(cfg, world_size: int) -> int:
     return cfg.data.tokens_per_step
 
 
-def cost_model(cfg, model) -> CostModel:
-    """sp.cost_model (a JSON from `python -m dist.seqpar.profile`), else the model's flops on H100s."""
-    if cfg.sp.cost_model:
-        return CostModel.load(cfg.sp.cost_model)
-    mc = model.config
-    strategy = "tokenring" if cfg.sp.strategy == "auto" else cfg.sp.strategy
-    return CostModel.for_model(mc, strategy=strategy)
-
-
 class AdaptiveRunner:
     def __init__(self, model, rt, cfg):
         check_world(rt.world_size)
@@ -71,7 +62,7 @@ class AdaptiveRunner:
                 if group is not None:
                     self.groups[ranks] = group
         self.cap = capacity(cfg, rt.world_size)
-        self.cost = cost_model(cfg, model)
+        self.cost = CostModel.from_config(cfg)  # sp.cost_model, else the preset's flops on H100s
         self.pool = concurrent.futures.ThreadPoolExecutor(1) if rt.is_main else None
         self.next = None  # (step, future of its plan), rank 0 only
 
@@ -84,7 +75,7 @@ class AdaptiveRunner:
 
     def _plan(self, lens: list[int]):
         plan = plan_scatter(lens, self.rt.world_size, max_tokens_per_rank=self.cap, cost_model=self.cost,
-                            time_limit_s=self.cfg.sp.plan_time_s)
+                            time_limit_s=self.cfg.sp.plan_time_limit_s)
         return [[(g.ranks, list(g.seq_ids)) for g in mb] for mb in plan.microbatches], plan
 
     def plan(self, step: int, data) -> list:

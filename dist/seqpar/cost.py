@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 from dist.plan import SP_STRATEGIES
@@ -46,13 +47,32 @@ def sim_comm(strategy: str, degree: int, heads_q: int, heads_kv: int, head_dim: 
         w = Workload(1, local, heads_q, heads_kv, head_dim, p, True, "zigzag", itemsize)
         return max(bytes_per_rank(strategy, w)) / local
 
-    if degree <= EXACT_DEGREE:
+    if degree <= EXACT_DEGREE or strategy == "ulysses":
         per_token = sent(degree)
-    else:  # bytes grow linearly in the group size past a few ranks; replaying costs degree^3
+    else:  # a ring strategy's bytes grow linearly in the group size; replaying them costs degree^3
         per_token = sent(EXACT_DEGREE) + (sent(EXACT_DEGREE) - sent(EXACT_DEGREE // 2)) * (
             degree - EXACT_DEGREE) / (EXACT_DEGREE // 2)
     rate = (profile.alltoall_Bps or profile.bandwidth_Bps) if strategy == "ulysses" else profile.bandwidth_Bps
     return per_token, rate, profile.latency_s
+
+
+@functools.lru_cache(maxsize=4096)
+def comm_terms(cm: "CostModel", degree: int) -> tuple[str | None, float, float]:
+    """(strategy, seconds of messages per local token, seconds of latencies per pass) for a group of
+    `degree` ranks under cost model `cm` (cached: the planner asks for every sequence)."""
+    heads_ok = cm.heads_q % degree == 0 and cm.heads_kv % degree == 0
+    if cm.strategy == "ulysses" and not heads_ok:
+        return None, math.inf, math.inf
+    if degree == 1:
+        return ("tokenring" if cm.strategy == "auto" else cm.strategy), 0.0, 0.0
+    options = [cm.strategy] if cm.strategy != "auto" else [s for s in SP_STRATEGIES if s != "ulysses" or heads_ok]
+    terms = []
+    for strategy in options:
+        per_token, rate, latency = sim_comm(strategy, degree, cm.heads_q, cm.heads_kv, cm.head_dim, cm.itemsize,
+                                            cm.link(degree))
+        terms.append((cm.n_layers * per_token / rate, cm.n_layers * 2 * (degree - 1) * latency, strategy))
+    per_token_s, latency_s, strategy = min(terms)
+    return strategy, per_token_s, latency_s
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class CostModel:
 
     attn_s: seconds per token^2 on one rank (causal attention, all layers, fwd + bwd);
     linear_s: seconds per token on one rank (projections, MLP, head, norms); const_s: per pass;
-    strategy: the SP strategy groups run; heads_q/heads_kv/head_dim/n_layers/itemsize: the shapes its
+    strategy: the SP strategy groups run ("auto": per group size, the one with the least time on the link); heads_q/heads_kv/head_dim/n_layers/itemsize: the shapes its
     messages carry; intra_link/inter_link: dist.sim link profile names; gpus_per_node: ranks per node;
     state_bytes: model state per rank (weights, gradients, optimizer); act_bytes_per_token: activation
     bytes per token a rank holds.
@@ -83,8 +103,9 @@ class CostModel:
     act_bytes_per_token: float = 32 * 4096 * 2 * 2               # full checkpointing: layer inputs + slack
 
     def __post_init__(self):
-        if self.strategy not in SP_STRATEGIES:
-            raise ValueError(f"cost model key 'strategy' must be one of {list(SP_STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy not in (*SP_STRATEGIES, "auto"):
+            raise ValueError(f"cost model key 'strategy' must be one of {[*SP_STRATEGIES, 'auto']}, "
+                             f"got {self.strategy!r}")
         for key in ("attn_s", "linear_s", "const_s", "state_bytes", "act_bytes_per_token"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"cost model key {key!r} must be >= 0, got {getattr(self, key)!r}")
@@ -100,7 +121,12 @@ class CostModel:
 
     def supports(self, degree: int) -> bool:
         """Whether a group of `degree` ranks can run the strategy (Ulysses splits the heads)."""
-        return self.strategy != "ulysses" or (self.heads_q % degree == 0 and self.heads_kv % degree == 0)
+        return self.strategy_for(degree) is not None
+
+    def strategy_for(self, degree: int) -> str | None:
+        """The strategy a group of `degree` ranks runs: `strategy`, or with "auto" the one whose
+        messages take the least time on the link (None: Ulysses where the size does not divide the heads)."""
+        return comm_terms(self, degree)[0]
 
     def link(self, degree: int) -> str:
         """The link an aligned group of `degree` ranks spans."""
@@ -109,19 +135,11 @@ class CostModel:
     def token_time(self, seq_len: float, degree: int) -> float:
         """Seconds for one sequence on the group without the per-pass terms (compute + bytes on the link)."""
         compute = (self.attn_s * seq_len * seq_len + self.linear_s * seq_len) / degree
-        if degree == 1:
-            return compute
-        per_token, rate, _ = sim_comm(self.strategy, degree, self.heads_q, self.heads_kv, self.head_dim,
-                                      self.itemsize, self.link(degree))
-        return compute + self.n_layers * per_token * (seq_len / degree) / rate
+        return compute + comm_terms(self, degree)[1] * seq_len / degree
 
     def pass_time(self, degree: int) -> float:
         """Seconds a group's pass costs however many sequences it packs: message latencies + const_s."""
-        if degree == 1:
-            return self.const_s
-        _, _, latency = sim_comm(self.strategy, degree, self.heads_q, self.heads_kv, self.head_dim,
-                                 self.itemsize, self.link(degree))
-        return self.const_s + self.n_layers * 2 * (degree - 1) * latency
+        return self.const_s + comm_terms(self, degree)[2]
 
     def time(self, seq_len: float, degree: int) -> float:
         """Seconds (forward + backward) for one sequence of `seq_len` tokens alone on `degree` ranks."""
@@ -189,3 +207,13 @@ class CostModel:
             "linear_s": 6 * params / matmul_flops_per_s,
             "heads_q": model.n_heads, "heads_kv": model.n_kv_heads, "head_dim": hd, "n_layers": model.n_layers,
             **changes})
+
+    @classmethod
+    def from_config(cls, cfg) -> "CostModel":
+        """The cost model a run uses: sp.cost_model's JSON, else model.preset's flops at H100 rates with
+        sp.strategy (a dist.config.Config)."""
+        if cfg.sp.cost_model:
+            return cls.load(cfg.sp.cost_model)
+        from dist.models.llama import PRESETS
+
+        return cls.for_model(PRESETS[cfg.model.preset], strategy=cfg.sp.strategy)

@@ -33,8 +33,8 @@ from .cost import CostModel
 
 MAX_BUCKETS = 12        # lengths per micro-batch program; beyond that, buckets of equal token mass
 SOLVERS = ("cbc", "highs")
-SLOT_VARS = 400         # the exact slot program up to this many assignment variables, else the pooled one
-SOLVER_OVERHEAD_S = 0.05  # what a solver call costs beyond its own time limit (files, process start)
+SLOT_VARS = 100         # the exact slot program up to this many assignment variables, else the pooled one
+SOLVER_OVERHEAD_S = 0.25  # what a solver call and its rounding cost beyond the solver's limit (busy hosts: more)
 MIN_SOLVE_S = 0.02        # a solver call gets at least this long, or none
 
 
@@ -126,12 +126,12 @@ def plan_scatter(seq_lens, world_size: int, *, max_tokens_per_rank: int, cost_mo
                              f"strategy {cm.strategy!r} needs the group size to divide heads_q={cm.heads_q} and "
                              f"heads_kv={cm.heads_kv}; use a ring strategy")
     deadline = start + time_limit_s
+    if not lens:
+        return Plan([], 0.0, "greedy", time.perf_counter() - start)
 
     microbatches, used_lp = [], False
     batches = split_microbatches(lens, world_size, cap, cm, usable)
-    for m, ids in enumerate(batches):
-        best = greedy_microbatch(ids, lens, world_size, cap, cm, usable)
-        assert best is not None, "split_microbatches returned a micro-batch greedy cannot place"
+    for m, (ids, best) in enumerate(batches):
         budget = (deadline - time.perf_counter()) / (len(batches) - m) - SOLVER_OVERHEAD_S
         if budget > 0:
             lp = lp_microbatch(ids, lens, world_size, cap, cm, usable, best, budget, solver)
@@ -142,14 +142,33 @@ def plan_scatter(seq_lens, world_size: int, *, max_tokens_per_rank: int, cost_mo
     return Plan(microbatches, predicted, "lp" if used_lp else "greedy", time.perf_counter() - start)
 
 
+def plan_on_rank(seq_lens, world_size: int, *, src: int = 0, group=None, **kwargs) -> Plan:
+    """Global rank `src` plans (plan_scatter with these arguments) and broadcasts the plan over
+    `group` (torch.distributed, the default group when None), so every rank runs the same plan even
+    where a time-limited solve would differ between hosts. Call it on every rank of the group; the
+    other ranks' arguments are not used. A ValueError on `src` is raised on every rank."""
+    import torch.distributed as dist
+
+    box = [None]
+    if dist.get_rank() == src:
+        try:
+            box[0] = plan_scatter(seq_lens, world_size, **kwargs)
+        except ValueError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=src, group=group)
+    if isinstance(box[0], ValueError):
+        raise box[0]
+    return box[0]
+
+
 def makespan(groups: list[Group], lens: list[int], cm: CostModel) -> float:
     """The slowest group's time in a micro-batch."""
     return max((cm.group_time([lens[i] for i in g.seq_ids], len(g.ranks)) for g in groups), default=0.0)
 
 
-def split_microbatches(lens, world_size, cap, cm, usable) -> list[list[int]]:
-    """Sequence ids per micro-batch: as few micro-batches as the greedy plan can place, the tokens
-    balanced between them (longest first, each to the micro-batch with the fewest tokens)."""
+def split_microbatches(lens, world_size, cap, cm, usable) -> list[tuple[list[int], list[Group]]]:
+    """(sequence ids, greedy plan) per micro-batch: as few micro-batches as the greedy plan can place,
+    the tokens balanced between them (longest first, each to the micro-batch with the fewest tokens)."""
     order = sorted(range(len(lens)), key=lambda i: (-lens[i], i))
     count = max(1, math.ceil(sum(lens) / (world_size * cap)))
     while True:
@@ -158,8 +177,9 @@ def split_microbatches(lens, world_size, cap, cm, usable) -> list[list[int]]:
             m = min(range(count), key=lambda b: (tokens[b], b))
             batches[m].append(i)
             tokens[m] += lens[i]
-        if all(greedy_microbatch(ids, lens, world_size, cap, cm, usable) is not None for ids in batches):
-            return [sorted(ids) for ids in batches if ids]
+        plans = [greedy_microbatch(ids, lens, world_size, cap, cm, usable) if ids else [] for ids in batches]
+        if all(p is not None for p in plans):
+            return [(sorted(ids), p) for ids, p in zip(batches, plans) if ids]
         count += 1
 
 
@@ -206,12 +226,13 @@ def lp_solver(name: str, time_limit_s: float):
         import pulp
     except ImportError:
         return None
-    with warnings.catch_warnings():  # PuLP 3.3 warns that 4.0 drops the bundled CBC (not on Python 3.11)
+    with warnings.catch_warnings():  # PuLP 3.3 warns that 4.0 drops the bundled CBC
         warnings.simplefilter("ignore", DeprecationWarning)
         if name == "highs":
             s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
-        else:
-            s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1, warmStart=True)
+        else:  # PuLP 4 (Python >= 3.12) has no bundled CBC: COIN_CMD finds a cbc on the PATH
+            cbc = getattr(pulp, "PULP_CBC_CMD", None) or pulp.COIN_CMD
+            s = cbc(msg=False, timeLimit=time_limit_s, threads=1, warmStart=True)
     return s if s.available() else None
 
 
@@ -316,10 +337,10 @@ def slot_program(bks, lens, world_size, cap, cm, eligible, slots, warm, backend)
 
 def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadline) -> list[Group] | None:
     """The groups of one size d as a pool: integer k_d groups and m[b, d] sequences of bucket b among
-    them. For a target time T the pool's work must fit k_d * T and no sequence in it may take longer
-    than T: linear once T is fixed, so T is bisected between a lower bound and the best plan's
-    makespan, each feasible program rounded (longest-first placement in each pool) and kept when
-    its real makespan is better."""
+    them (fractional in the program, made whole by largest remainders). For a target time T the pool's work must fit k_d * T and no sequence in it may take longer
+    than T: linear once T is fixed, so T steps down from the best plan's makespan (feasibility
+    near the best is quick to find; far below it, slow to refute), each feasible solution rounded
+    (longest-first placement in each pool) and kept when its real makespan is better."""
     import pulp
 
     usable = list(eligible)
@@ -328,17 +349,21 @@ def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadl
                  for b in range(len(bks)) for d in usable}
     best, best_t = None, makespan(warm, lens, cm)
     lo = max(min(longest_t[b, d] for d in usable if b in eligible[d]) for b in range(len(bks)))
-    hi = best_t
-    while hi - lo > 0.01 * hi:
-        backend = lp_solver(solver, deadline - time.perf_counter() - SOLVER_OVERHEAD_S)
+    step = 0.04  # aim this fraction below the best plan so far: twice as far after a win, half after a miss
+    last_s = 0.0  # the previous round's wall time: a round starts only if one as long still fits
+    while step >= 0.005 and best_t * (1 - step) >= lo:
+        round_start = time.perf_counter()
+        backend = lp_solver(solver, deadline - round_start - max(SOLVER_OVERHEAD_S, last_s))
         if backend is None:
             break
-        target = (lo + hi) / 2
+        target = best_t * (1 - step)
         prob = pulp.LpProblem("scatter_pooled", pulp.LpMinimize)
         k = {d: prob.add_variable(f"k_{d}", lowBound=0, upBound=world_size // d, cat="Integer") for d in usable}
-        m = {(b, d): prob.add_variable(f"m_{b}_{d}", lowBound=0, upBound=count[b], cat="Integer")
+        m = {(b, d): prob.add_variable(f"m_{b}_{d}", lowBound=0, upBound=count[b])  # counts: rounded below
              for d in usable for b in eligible[d] if longest_t[b, d] <= target}
-        prob += pulp.lpSum(d * k[d] for d in usable)  # fewest ranks: the rest go to the slowest pool
+        # fewest rank-seconds of work: sequences on the sizes that run them cheapest, ranks to spare
+        prob += pulp.lpSum(d * (mean_t[b, d] * v) for (b, d), v in m.items()) + pulp.lpSum(
+            d * cm.pass_time(d) * k[d] for d in usable)
         prob += pulp.lpSum(d * k[d] for d in usable) <= world_size
         for b in range(len(bks)):
             prob += pulp.lpSum(m[b, d] for d in usable if (b, d) in m) == count[b]
@@ -349,16 +374,24 @@ def pooled_program(bks, lens, world_size, cap, cm, eligible, warm, solver, deadl
         groups = None
         if solve(prob, backend):
             pools = {d: int(round(k[d].varValue)) for d in usable}
-            taken = {key: int(round(v.varValue)) for key, v in m.items()}
-            groups = round_pools(bks, lens, world_size, cap, cm, pools, taken)
+            groups = round_pools(bks, lens, world_size, cap, cm, pools, whole_counts(m, count))
         t = makespan(groups, lens, cm) if groups else math.inf
         if t < best_t:
-            best, best_t = groups, t
-        if groups is None:
-            lo = target
+            best, best_t, step = groups, t, step * 2
         else:
-            hi = min(hi, t) if t < hi else target
+            step /= 2
+        last_s = time.perf_counter() - round_start
     return best
+
+
+def whole_counts(m, count) -> dict:
+    """Fractional bucket counts per size -> whole ones with the same totals (largest remainders first)."""
+    out = {key: math.floor(v.varValue + 1e-9) for key, v in m.items()}
+    for b, total in enumerate(count):
+        keys = sorted((key for key in m if key[0] == b), key=lambda key: (out[key] - m[key].varValue, key))
+        for key in keys[:total - sum(out[key] for key in keys)]:
+            out[key] += 1
+    return out
 
 
 def round_pools(bks, lens, world_size, cap, cm, pools, taken) -> list[Group] | None:
@@ -380,13 +413,21 @@ def round_pools(bks, lens, world_size, cap, cm, pools, taken) -> list[Group] | N
             filled[d] = fill(ids, lens, pools[d], d, cap, cm)
             if filled[d] is None:
                 return None
-    while filled:
-        slowest = max(filled, key=lambda d: (max(cm.group_time([lens[i] for i in g], d) for g in filled[d]), d))
-        if slowest > spare:
+    while True:  # spare ranks: more groups for the slowest pool that fits in them, while that helps
+        times = {d: max(cm.group_time([lens[i] for i in g], d) for g in gs) for d, gs in filled.items()}
+        fits = [d for d in filled if d <= spare]
+        if not fits or max(times[d] for d in fits) < max(times.values()):
             break
-        pools[slowest] += 1
-        spare -= slowest
-        filled[slowest] = fill(members[slowest], lens, pools[slowest], slowest, cap, cm)
+        d = max(fits, key=lambda d: (times[d], d))
+        for add in sorted({max(1, min(spare // d, pools[d] // 2)), 1}, reverse=True):  # many at once, else one
+            more = fill(members[d], lens, pools[d] + add, d, cap, cm)
+            if max(cm.group_time([lens[i] for i in g], d) for g in more) < times[d]:
+                break
+        else:
+            break
+        pools[d] += add
+        spare -= d * add
+        filled[d] = more
     sizes, groups = [], []
     for d, gs in filled.items():
         for g in gs:

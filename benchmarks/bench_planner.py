@@ -1,0 +1,195 @@
+"""Planner benchmark: plan time and fallback rate, and the predicted step time it buys.
+
+1. Plan time p50/p99 and fallback rate (plans where the greedy plan won: the solver found nothing
+   better in its time) for 64-1024 sequences on 8-256 ranks, batches drawn from the Wikipedia lengths.
+2. Predicted step time (the cost model's; GPU cluster profile: Llama-3-8B bf16 on H100s, 8 per node,
+   NVLink inside a node, InfiniBand NDR across; each group size runs the strategy that moves its bytes
+   fastest, CostModel(strategy="auto")) of the adaptive plan against
+     static  one SP degree for the whole run, sized for the longest sequence the data may hold
+             (max_context / max_tokens_per_rank, rounded up to a power of two), and
+     homog   the best homogeneous degree per micro-batch (the greedy plan, planned per step),
+   on batches drawn from the Wikipedia lengths and from a Pareto distribution, per world size.
+   Ratios: median over the batches, with the 10th-90th percentile spread.
+
+    python benchmarks/bench_planner.py            # the full run (a few minutes on 2 cores)
+    python benchmarks/bench_planner.py --quick    # smoke test
+
+Writes benchmarks/results/bench_planner.json and benchmarks/results/bench_planner_<date>.md. The
+plan times are this machine's (the planner runs on a host CPU in training too); step times are
+predictions, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dist.seqpar import CostModel, plan_scatter  # noqa: E402
+from dist.seqpar.planner import degrees, makespan, split_microbatches  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+WIKIPEDIA = "/work/shared/data/wikipedia_seq_lengths.txt.gz"
+
+
+def wikipedia_lengths(path: str) -> np.ndarray:
+    with gzip.open(path, "rt") as f:
+        return np.array([int(line) for line in f if line.strip()])
+
+
+def draw_batch(rng, source, tokens: int, max_context: int) -> list[int]:
+    """Sequences (cut at max_context) until the batch holds `tokens` tokens."""
+    out, total = [], 0
+    while total < tokens:
+        n = int(min(source(rng), max_context))
+        out.append(n)
+        total += n
+    return out
+
+
+def static_plan_s(lens, world, cap, cm, degree) -> float:
+    """Predicted step of one fixed SP degree: micro-batches as needed, longest-first in each."""
+    return sum(makespan(plan, lens, cm) for _, plan in split_microbatches(lens, world, cap, cm, [degree]))
+
+
+def percentiles(xs, ps):
+    return [float(np.percentile(xs, p)) for p in ps]
+
+
+def plan_times(wiki, cm, cap, worlds, counts, repeats, time_limit_s, seed):
+    rows = []
+    rng = np.random.default_rng(seed)
+    plan_scatter([100] * 4, 4, max_tokens_per_rank=cap, cost_model=cm)  # warm-up: dist.sim's bytes, solver start
+    for world in worlds:
+        for d in degrees(world):  # dist.sim's bytes per group size: once per cost model, not per plan
+            cm.time(1024, d)
+        for count in counts:
+            times, fallbacks, micro = [], 0, []
+            for _ in range(repeats):
+                lens = [int(min(x, world * cap)) for x in rng.choice(wiki, count)]
+                plan = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=cm, time_limit_s=time_limit_s)
+                times.append(plan.solve_s)
+                fallbacks += plan.solver == "greedy"
+                micro.append(len(plan.microbatches))
+            p50, p99 = percentiles(times, [50, 99])
+            rows.append({"world": world, "sequences": count, "plan_p50_s": p50, "plan_p99_s": p99,
+                         "plan_max_s": max(times), "fallback_rate": fallbacks / repeats,
+                         "microbatches_median": float(np.median(micro)), "repeats": repeats})
+            print(f"plan time N={world:4d} seqs={count:5d}: p50 {p50:.3f} s p99 {p99:.3f} s "
+                  f"fallback {fallbacks / repeats:.0%}", flush=True)
+    return rows
+
+
+def step_ratios(sources, cm, cap, max_context, worlds, batches, tokens_per_rank, time_limit_s, seed):
+    rows = []
+    static_degree = 1 << max(0, (-(-max_context // cap) - 1).bit_length())
+    for name, source in sources.items():
+        for world in worlds:
+            rng = np.random.default_rng(seed)
+            degree = min(static_degree, world)
+            adaptive, homog, static, solvers = [], [], [], []
+            for _ in range(batches):
+                lens = draw_batch(rng, source, tokens_per_rank * world, min(max_context, world * cap))
+                a = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=cm, time_limit_s=time_limit_s)
+                h = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=cm, time_limit_s=0)
+                adaptive.append(a.predicted_step_s)
+                homog.append(h.predicted_step_s)
+                static.append(static_plan_s(lens, world, cap, cm, degree))
+                solvers.append(a.solver)
+            vs_static = np.array(static) / np.array(adaptive)
+            vs_homog = np.array(homog) / np.array(adaptive)
+            row = {"lengths": name, "world": world, "static_degree": degree, "batches": batches,
+                   "adaptive_s_median": float(np.median(adaptive)), "homog_s_median": float(np.median(homog)),
+                   "static_s_median": float(np.median(static)),
+                   "vs_static_median": float(np.median(vs_static)), "vs_static_p10_p90": percentiles(vs_static, [10, 90]),
+                   "vs_homog_median": float(np.median(vs_homog)), "vs_homog_p10_p90": percentiles(vs_homog, [10, 90]),
+                   "vs_static_total": float(sum(static) / sum(adaptive)),
+                   "vs_homog_total": float(sum(homog) / sum(adaptive)),
+                   "lp_rate": solvers.count("lp") / batches}
+            rows.append(row)
+            print(f"{name:9s} N={world:3d} static SP={degree:3d}: adaptive {row['adaptive_s_median']:.3f} s, "
+                  f"vs static {row['vs_static_median']:.2f}x, vs best homogeneous {row['vs_homog_median']:.3f}x "
+                  f"(all steps: {row['vs_static_total']:.2f}x, {row['vs_homog_total']:.3f}x)",
+                  flush=True)
+    return rows
+
+
+def markdown(result) -> str:
+    c = result["config"]
+    lines = [f"# Planner benchmark, {result['date']}", "",
+             f"Machine (plan times): {result['machine']}. Step times are the cost model's predictions for "
+             f"{c['cluster']}; max_tokens_per_rank {c['max_tokens_per_rank']}, max context {c['max_context']}, "
+             f"{c['tokens_per_rank']} tokens per rank per step, solver time limit {c['time_limit_s']} s.", "",
+             "## Predicted step time: adaptive against static max-SP and the best homogeneous degree per step", "",
+             "Per step: the median ratio over the batches (10th-90th percentile); all steps: total time over all",
+             "batches (what a run takes), static / adaptive and best homogeneous / adaptive.", "",
+             "| lengths | N | static SP | adaptive s (median) | vs static per step | vs static all steps "
+             "| vs best homogeneous per step | vs best homogeneous all steps | LP kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["step"]:
+        lines.append(f"| {r['lengths']} | {r['world']} | {r['static_degree']} | {r['adaptive_s_median']:.3f} "
+                     f"| {r['vs_static_median']:.2f}x ({r['vs_static_p10_p90'][0]:.2f}-{r['vs_static_p10_p90'][1]:.2f}) "
+                     f"| {r['vs_static_total']:.2f}x "
+                     f"| {r['vs_homog_median']:.3f}x ({r['vs_homog_p10_p90'][0]:.3f}-{r['vs_homog_p10_p90'][1]:.3f}) "
+                     f"| {r['vs_homog_total']:.3f}x | {r['lp_rate']:.0%} |")
+    lines += ["", "## Plan time (this machine) and fallback rate", "",
+              "| N | sequences | p50 s | p99 s | max s | fallback | micro-batches |", "|---|---|---|---|---|---|---|"]
+    for r in result["plan"]:
+        lines.append(f"| {r['world']} | {r['sequences']} | {r['plan_p50_s']:.3f} | {r['plan_p99_s']:.3f} "
+                     f"| {r['plan_max_s']:.3f} | {r['fallback_rate']:.0%} | {r['microbatches_median']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lengths", default=WIKIPEDIA)
+    ap.add_argument("--max-tokens-per-rank", type=int, default=16384)
+    ap.add_argument("--max-context", type=int, default=1 << 20, help="sequences are cut here")
+    ap.add_argument("--tokens-per-rank", type=int, default=8192, help="batch tokens per rank per step")
+    ap.add_argument("--time-limit", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+
+    wiki = wikipedia_lengths(args.lengths)
+    cm = CostModel(strategy="auto")
+    cap = args.max_tokens_per_rank
+    sources = {"wikipedia": lambda rng: rng.choice(wiki),
+               "pareto": lambda rng: 256 * (1 + rng.pareto(1.1))}  # median ~480, a heavy tail like code/books
+    if args.quick:
+        plan = plan_times(wiki, cm, cap, [8, 64], [64], 2, args.time_limit, args.seed)
+        step = step_ratios(sources, cm, cap, args.max_context, [64], 2, args.tokens_per_rank, args.time_limit,
+                           args.seed)
+    else:
+        plan = plan_times(wiki, cm, cap, [8, 32, 64, 256], [64, 256, 1024], 10, args.time_limit, args.seed)
+        step = step_ratios(sources, cm, cap, args.max_context, [16, 64, 128], 30, args.tokens_per_rank,
+                           args.time_limit, args.seed)
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end)",
+        "config": {
+            "cluster": "Llama-3-8B bf16 on H100s, 8 per node, NVLink (nvlink-h100) inside, InfiniBand NDR "
+                       "(ib-400) across, per group size the fastest strategy (CostModel(strategy=\"auto\"))",
+            "cost_model": cm.to_dict(), "max_tokens_per_rank": cap, "max_context": args.max_context,
+            "tokens_per_rank": args.tokens_per_rank, "time_limit_s": args.time_limit, "seed": args.seed,
+            "quick": args.quick},
+        "plan": plan, "step": step}
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    with open(os.path.join(args.out, f"bench_planner{suffix}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, f"bench_planner{suffix}_{result['date']}.md"), "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
