@@ -118,7 +118,7 @@ def load(path: str, model, engine, *, rank: int, world_size: int) -> dict:
     try:
         with open(state_file) as f:
             state = json.load(f)
-        step = int(state["step"])
+        int(state["step"])
     except (json.JSONDecodeError, KeyError, ValueError, TypeError):
         raise ValueError(f"checkpoint {path} is corrupt: unreadable state.json") from None
     if state.get("format_version") != FORMAT_VERSION:

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.multirank import free_port
 
 SMALL = ["data.seq_len_min=32", "data.seq_len_max=160", "data.tokens_per_step=640", "train.warmup_steps=1",
          "train.deterministic=true", "log.level=warning", "train.steps=6"]
