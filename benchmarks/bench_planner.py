@@ -36,7 +36,8 @@ from dist.seqpar import CostModel, plan_scatter  # noqa: E402
 from dist.seqpar.planner import degrees, makespan, split_microbatches  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-WIKIPEDIA = "/work/shared/data/wikipedia_seq_lengths.txt.gz"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIKIPEDIA = os.path.join(ROOT, "..", "shared", "data", "wikipedia_seq_lengths.txt.gz")  # shared/ beside the repo
 
 
 def wikipedia_lengths(path: str) -> np.ndarray:
