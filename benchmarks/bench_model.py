@@ -341,7 +341,7 @@ def main(argv=None):
     doc = dict(benchmark="bench_model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, load average "
                        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end ({load_start:.1f} at the start)",
-               label=args.label, args=vars(args), compute=asdict(compute), kernel_timings=kernel_rows,
+               label=args.label, args={k: v for k, v in vars(args).items() if k != "json"}, compute=asdict(compute), kernel_timings=kernel_rows,
                link=asdict(link), rows=rows,
                summary={name: {key: summary(rows, key, field) for key in ("link", "world")}
                         for name, field in (("error", "error"), ("error vs best", "error_vs_min"))})

@@ -86,7 +86,7 @@ def probe(args, tb, workdir: str, port: int) -> str:
 def write_report(args, points: list[dict]) -> None:
     rows = [r for pt in points for r in pt.get("rows", [])]
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc = {"date": when, "machine": bench_links._machine(), "args": vars(args), "points": points,
+    doc = {"date": when, "machine": bench_links._machine(), "args": {k: v for k, v in vars(args).items() if k != "json"}, "points": points,
            "summary": summary(rows, "link") if rows else []}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
