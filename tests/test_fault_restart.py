@@ -101,5 +101,7 @@ def test_kill_resumes_from_memory_snapshot_bit_exact(tmp_path, straight, phase):
 def test_restarts_exhausted_leave_no_shared_memory(tmp_path):
     before = snap_dirs()
     r = torchrun(tmp_path, "run", ["fault.snapshot_every=1", "fault.kill_step=2", "fault.kill_rank=0"], restarts=0)
-    assert r.returncode != 0 and "exitcode: -9" in r.stderr
+    # torchrun reports whichever worker it saw fail first: the killed rank (-9) or its peer, whose
+    # collective failed when the rank vanished; either way the job failed with no restart left
+    assert r.returncode != 0 and ("exitcode: -9" in r.stderr or "exitcode: 1" in r.stderr), r.stderr[-3000:]
     assert not wait_gone(snap_dirs() - before), "shared memory left behind after the job failed"
