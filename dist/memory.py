@@ -19,10 +19,11 @@ at a time, its 1/sp.degree share; see dist/train.py):
   norm's float32 input and output, the q/k/v projection input, q, k, v, the attention output and
   log-sum-exp; the MLP half its norm's, its input and four [ffn_dim] SwiGLU tensors. Checkpointing
   "full" keeps one [dim] layer input instead, "selective" keeps the attention half and the MLP's input.
-  The head keeps float32 log-probabilities, and the loop holds the logits ([vocab] per token each).
+  The head keeps the logits ([vocab] per token in the model's dtype) and a float32 log-sum-exp per
+  token: dist.models.loss never holds float32 log-probabilities for the whole sequence.
 - transient, the largest of: the layer being recomputed in backward (checkpointing) with its
-  gradients and attention and ring buffers (blocks in flight, float32 accumulators), the head's
-  float32 gradients, DeepSpeed's reduce bucket; after backward, when the activations are freed: the
+  gradients and attention and ring buffers (blocks in flight, float32 accumulators), the logits'
+  gradient (plus the loss's float32 chunks), DeepSpeed's reduce bucket; after backward, when the activations are freed: the
   torch engine's flat all-reduce copy of all gradients, FSDP's root gradients.
 - a margin for the allocator's fragmentation (10%) and the CUDA context (1 GiB).
 
@@ -39,6 +40,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+from dist.models.loss import chunk_rows as loss_chunk_rows
 
 GiB = 2 ** 30
 FRAGMENTATION = 0.10      # allocator margin: a fraction of everything else
@@ -134,17 +137,14 @@ class ActivationModel:
         return 8 + 2 * self.itemsize * self.head_dim + self.norm() + self.itemsize * self.dim
 
     def head(self) -> int:
-        """Cross-entropy's float32 log-probabilities."""
-        return FP32 * self.vocab
-
-    def logits(self) -> int:
-        """The logits, which the training loop holds until backward (autograd itself does not keep them)."""
-        return self.itemsize * self.vocab
+        """What the loss keeps (dist.models.loss): the logits, a float32 log-sum-exp, the label (int64)
+        and whether it counts (bool)."""
+        return self.itemsize * self.vocab + FP32 + 8 + 1
 
     def head_backward(self) -> int:
-        """Transient at the head: float32 gradients of the log-probabilities and of the logits (their
-        cast to the model's dtype comes after the log-probabilities are freed)."""
-        return 2 * FP32 * self.vocab
+        """Transient at the head: the logits' gradient in the model's dtype (two of the loss's float32
+        [rows, vocab] chunks, whatever the length, are added once by `estimate`)."""
+        return self.itemsize * self.vocab
 
     def recompute(self, mode: str) -> int:
         """Transient while backward recomputes one layer (its saved tensors, minus what is kept anyway)."""
@@ -313,9 +313,9 @@ def estimate(cfg, world_size: int, *, tokens: int | None = None, device_bytes: i
 
     est.saved[f"layers x{n_layers}: {_part_names(mode)}"] = n_layers * act.layer(mode) * tokens
     est.saved["embedding, RoPE, final norm"] = act.outside_layers() * tokens
-    est.saved["head: fp32 log-probabilities"] = act.head() * tokens
-    est.saved["head: logits (held by the loss)"] = act.logits() * tokens
-    est.transient["head backward (fp32 grads)"] = act.head_backward() * tokens
+    est.saved["head: logits and log-sum-exp (kept by the loss)"] = act.head() * tokens
+    est.transient["head backward (logits' gradient + fp32 chunks)"] = (
+        act.head_backward() * tokens + 2 * FP32 * act.vocab * min(tokens, loss_chunk_rows(act.vocab)))
     est.transient[f"layer backward ({'recompute + ' if mode != 'none' else ''}grads + attention buffers)"] = (
         act.recompute(mode) + act.layer_backward() + act.attention_buffers()) * tokens + (
         layer_params * (b + FP32) if engine == "fsdp" else 0)  # FSDP: the layer's gradients, then in fp32

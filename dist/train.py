@@ -28,6 +28,7 @@ from dist.config import Config
 from dist.data import make_dataset, split_for_dp
 from dist.engine import make_engine
 from dist.memory import check_fits
+from dist.models import token_losses
 from dist.fault.inject import maybe_kill
 from dist.fault.snapshot import Snapshots
 from dist.runtime import Runtime
@@ -117,7 +118,7 @@ class SequenceRunner:
             inputs, labels, positions, recall = (self.shard(x, 0, r, w, self.layout)
                                                  for x in (inputs, labels, positions, recall))
         logits = engine.forward(input_ids=inputs[None].to(dev), position_ids=positions[None].to(dev))
-        losses = F.cross_entropy(logits[0].float(), labels.to(dev), ignore_index=IGNORE, reduction="none")
+        losses = token_losses(logits[0], labels.to(dev), IGNORE)
         loss = losses.sum() / n_global
         engine.backward(loss if weight == 1.0 else loss * weight, last=last)
         if weight == 0.0:

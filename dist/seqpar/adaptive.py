@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist import comm
+from dist.models import token_losses
 from dist.ringattn import shard
 
 from .cost import CostModel
@@ -134,7 +135,7 @@ class AdaptiveRunner:
         dev = self.rt.device
         logits = engine.forward(input_ids=inputs[None].to(dev), position_ids=positions[None].to(dev),
                                 cu_seqlens=cu.to(dev))
-        losses = F.cross_entropy(logits[0].float(), labels.to(dev), ignore_index=IGNORE, reduction="none")
+        losses = token_losses(logits[0], labels.to(dev), IGNORE)
         engine.backward(losses.sum() / n_global, last=False)
         recall = recall.to(dev)
         return torch.tensor([losses.sum().item(), losses[recall].sum().item(), int(recall.sum())],
