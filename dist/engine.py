@@ -60,6 +60,19 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
         offset += n
 
 
+def clip_and_step(params: list, optimizer, lr: float, grad_clip: float) -> float:
+    """Clip the gradients' global norm to grad_clip (0: no clipping), AdamW at `lr`, zero the gradients;
+    returns the pre-clip norm (also when clipping is off, as DeepSpeed's engine does). Sharded (DTensor)
+    gradients give the norm over all shards."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))  # inf: x 1.0
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def make_engine(cfg, model, rt):
     if cfg.train.engine == "deepspeed":
         return DeepSpeedEngine(cfg, model, rt)
@@ -94,13 +107,7 @@ class TorchEngine:
         """Sum gradients over all ranks, clip, AdamW at `lr`; returns the pre-clip gradient norm
         (also when clipping is off, as DeepSpeed's engine does)."""
         all_reduce_grads(self.params)
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")  # inf: grads x 1.0
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return clip_and_step(self.params, self.optimizer, lr, self.cfg.train.grad_clip)
 
     # ------------------------------------------------------------ checkpoint hooks
 
@@ -358,14 +365,8 @@ class FSDPEngine:
         loss.backward()
 
     def step(self, lr: float) -> float:
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        """Gradients are already reduce-scattered (sums) by backward; clip over the shards, AdamW."""
+        return clip_and_step(self.params, self.optimizer, lr, self.cfg.train.grad_clip)
 
     # ------------------------------------------------------------ checkpoint hooks
 
