@@ -64,6 +64,52 @@ def percentiles(xs, ps):
     return [float(np.percentile(xs, p)) for p in ps]
 
 
+GAIN = 1.01  # a step "gains" when the adaptive plan is predicted more than 1% faster
+
+
+def needed_degree(longest: int, cap: int) -> int:
+    """The smallest power-of-two group that holds the batch's longest sequence: what any homogeneous
+    plan must use for the whole micro-batch holding it."""
+    return 1 << max(0, (-(-longest // cap) - 1).bit_length())
+
+
+def homog_by_need(vs_homog, need, per_node) -> dict:
+    """Share of the batches, and their median ratio to the best homogeneous degree, by what the longest
+    sequence needs: one rank (degree 1 with longest-first placement is then already optimal), a group
+    inside a node, a group across nodes (the slow link)."""
+    classes = {"one_rank": need == 1, "in_node": (need > 1) & (need <= per_node), "cross_node": need > per_node}
+    out = {}
+    for name, mask in classes.items():
+        out[f"share_{name}"] = float(mask.mean())
+        out[f"vs_homog_{name}"] = float(np.median(vs_homog[mask])) if mask.any() else None
+        out[f"gain_share_{name}"] = float(np.mean(vs_homog[mask] > GAIN)) if mask.any() else None
+    return out
+
+
+def homog_sweep(wiki, cm, settings, world, batches, time_limit_s, seed):
+    """Adaptive against the best homogeneous degree per step under other batch settings (Wikipedia
+    lengths, one world size): where the gain appears."""
+    rows = []
+    for tokens_per_rank, cap, max_context in settings:
+        rng = np.random.default_rng(seed)
+        ratios, need = [], []
+        for _ in range(batches):
+            lens = draw_batch(rng, lambda r: r.choice(wiki), tokens_per_rank * world, min(max_context, world * cap))
+            a = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=cm, time_limit_s=time_limit_s)
+            h = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=cm, time_limit_s=0)
+            ratios.append(h.predicted_step_s / a.predicted_step_s)
+            need.append(needed_degree(max(lens), cap))
+        ratios, need = np.array(ratios), np.array(need)
+        row = {"world": world, "tokens_per_rank": tokens_per_rank, "max_tokens_per_rank": cap,
+               "max_context": max_context, "batches": batches, "p10_p50_p90": percentiles(ratios, [10, 50, 90]),
+               "gain_share": float(np.mean(ratios > GAIN)), **homog_by_need(ratios, need, cm.gpus_per_node)}
+        rows.append(row)
+        print(f"sweep N={world} tokens/rank {tokens_per_rank} cap {cap} context {max_context}: "
+              f"p50 {row['p10_p50_p90'][1]:.3f}x p90 {row['p10_p50_p90'][2]:.3f}x gain in {row['gain_share']:.0%} "
+              f"of steps; longest across nodes in {row['share_cross_node']:.0%}", flush=True)
+    return rows
+
+
 def plan_times(wiki, cm, cap, worlds, counts, repeats, time_limit_s, seed):
     rows = []
     rng = np.random.default_rng(seed)
@@ -95,7 +141,7 @@ def step_ratios(sources, cm, cap, max_context, worlds, batches, tokens_per_rank,
         for world in worlds:
             rng = np.random.default_rng(seed)
             degree = min(static_degree, world)
-            adaptive, homog, static, solvers = [], [], [], []
+            adaptive, homog, static, solvers, need = [], [], [], [], []
             for _ in range(batches):
                 lens = draw_batch(rng, source, tokens_per_rank * world, min(max_context, world * cap))
                 a = plan_scatter(lens, world, max_tokens_per_rank=cap, cost_model=cm, time_limit_s=time_limit_s)
@@ -104,8 +150,10 @@ def step_ratios(sources, cm, cap, max_context, worlds, batches, tokens_per_rank,
                 homog.append(h.predicted_step_s)
                 static.append(static_plan_s(lens, world, cap, cm, degree))
                 solvers.append(a.solver)
+                need.append(needed_degree(max(lens), cap))
             vs_static = np.array(static) / np.array(adaptive)
             vs_homog = np.array(homog) / np.array(adaptive)
+            need = np.array(need)
             row = {"lengths": name, "world": world, "static_degree": degree, "batches": batches,
                    "adaptive_s_median": float(np.median(adaptive)), "homog_s_median": float(np.median(homog)),
                    "static_s_median": float(np.median(static)),
@@ -113,7 +161,10 @@ def step_ratios(sources, cm, cap, max_context, worlds, batches, tokens_per_rank,
                    "vs_homog_median": float(np.median(vs_homog)), "vs_homog_p10_p90": percentiles(vs_homog, [10, 90]),
                    "vs_static_total": float(sum(static) / sum(adaptive)),
                    "vs_homog_total": float(sum(homog) / sum(adaptive)),
-                   "lp_rate": solvers.count("lp") / batches}
+                   "lp_rate": solvers.count("lp") / batches,
+                   "vs_homog_p10_p50_p90": percentiles(vs_homog, [10, 50, 90]),
+                   "gain_share": float(np.mean(vs_homog > GAIN)),
+                   **homog_by_need(vs_homog, need, cm.gpus_per_node)}
             rows.append(row)
             print(f"{name:9s} N={world:3d} static SP={degree:3d}: adaptive {row['adaptive_s_median']:.3f} s, "
                   f"vs static {row['vs_static_median']:.2f}x, vs best homogeneous {row['vs_homog_median']:.3f}x "
@@ -140,6 +191,31 @@ def markdown(result) -> str:
                      f"| {r['vs_static_total']:.2f}x "
                      f"| {r['vs_homog_median']:.3f}x ({r['vs_homog_p10_p90'][0]:.3f}-{r['vs_homog_p10_p90'][1]:.3f}) "
                      f"| {r['vs_homog_total']:.3f}x | {r['lp_rate']:.0%} |")
+    def share(r, name):
+        med = r[f"vs_homog_{name}"]
+        return f"{r[f'share_{name}']:.0%}" + (f" ({med:.3f}x, gain in {r[f'gain_share_{name}']:.0%})" if med else "")
+
+    lines += ["", "## Against the best homogeneous degree, step by step", "",
+              f"Ratio best homogeneous / adaptive per step (p10 / p50 / p90), the share of steps where adaptive is "
+              f"predicted more than {100 * (GAIN - 1):.0f}% faster, and the steps split by what their longest "
+              "sequence needs (share of steps, their median ratio, their share with a gain): one rank (longest "
+              "<= max_tokens_per_rank), a group inside a node, a group across nodes.", "",
+              "| lengths | N | p10 | p50 | p90 | steps with a gain | longest fits one rank | needs a group in a node "
+              "| needs a group across nodes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["step"]:
+        p10, p50, p90 = r["vs_homog_p10_p50_p90"]
+        lines.append(f"| {r['lengths']} | {r['world']} | {p10:.3f} | {p50:.3f} | {p90:.3f} | {r['gain_share']:.0%} "
+                     f"| {share(r, 'one_rank')} | {share(r, 'in_node')} | {share(r, 'cross_node')} |")
+    if result.get("sweep"):
+        lines += ["", "### Other batch settings (Wikipedia lengths)", "",
+                  "| N | tokens per rank | max_tokens_per_rank | max context | p10 | p50 | p90 | steps with a gain "
+                  "| longest fits one rank | needs a group in a node | needs a group across nodes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["sweep"]:
+            p10, p50, p90 = r["p10_p50_p90"]
+            lines.append(f"| {r['world']} | {r['tokens_per_rank']} | {r['max_tokens_per_rank']} | {r['max_context']} "
+                         f"| {p10:.3f} | {p50:.3f} | {p90:.3f} | {r['gain_share']:.0%} | {share(r, 'one_rank')} "
+                         f"| {share(r, 'in_node')} | {share(r, 'cross_node')} |")
     lines += ["", "## Plan time (this machine) and fallback rate", "",
               "| N | sequences | p50 s | p99 s | max s | fallback | micro-batches |", "|---|---|---|---|---|---|---|"]
     for r in result["plan"]:
@@ -165,14 +241,20 @@ def main(argv=None):
     cap = args.max_tokens_per_rank
     sources = {"wikipedia": lambda rng: rng.choice(wiki),
                "pareto": lambda rng: 256 * (1 + rng.pareto(1.1))}  # median ~480, a heavy tail like code/books
+    # other batch settings at N = 64: more tokens per step, less memory per rank (a larger model or
+    # longer activations), contexts cut at 128K
+    settings = [(args.tokens_per_rank, cap, args.max_context), (4 * args.tokens_per_rank, cap, args.max_context),
+                (args.tokens_per_rank, cap // 4, args.max_context), (4 * args.tokens_per_rank, cap // 4, 1 << 17)]
     if args.quick:
         plan = plan_times(wiki, cm, cap, [8, 64], [64], 2, args.time_limit, args.seed)
         step = step_ratios(sources, cm, cap, args.max_context, [64], 2, args.tokens_per_rank, args.time_limit,
                            args.seed)
+        sweep = homog_sweep(wiki, cm, settings[1:2], 64, 2, args.time_limit, args.seed)
     else:
         plan = plan_times(wiki, cm, cap, [8, 32, 64, 256], [64, 256, 1024], 10, args.time_limit, args.seed)
         step = step_ratios(sources, cm, cap, args.max_context, [16, 64, 128], 30, args.tokens_per_rank,
                            args.time_limit, args.seed)
+        sweep = homog_sweep(wiki, cm, settings[1:], 64, 20, args.time_limit, args.seed)
     result = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end)",
@@ -182,7 +264,7 @@ def main(argv=None):
             "cost_model": cm.to_dict(), "max_tokens_per_rank": cap, "max_context": args.max_context,
             "tokens_per_rank": args.tokens_per_rank, "time_limit_s": args.time_limit, "seed": args.seed,
             "quick": args.quick},
-        "plan": plan, "step": step}
+        "plan": plan, "step": step, "sweep": sweep}
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     with open(os.path.join(args.out, f"bench_planner{suffix}.json"), "w") as f:

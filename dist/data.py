@@ -16,12 +16,14 @@ asks for the same step and gets the same sequences.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dist.models.tokenizer import ByteTokenizer
 
@@ -128,6 +130,30 @@ class JsonlText:
             self._starts.append(i)
         seqs = [self.docs[j] for j in self._order[self._starts[step]:self._starts[step + 1]]]
         return Batch(seqs, [torch.zeros(len(s) - 1, dtype=torch.bool) for s in seqs])
+
+
+IGNORE = -100  # the label of a position with no target (padding): cross_entropy's ignore_index
+
+
+def pack(seqs: list[torch.Tensor], recall_masks: list[torch.Tensor], multiple: int = 1):
+    """The model's inputs for `seqs` packed one after another, each padded at its end to a multiple of
+    `multiple` (what an SP layout needs: 2 x degree for zigzag); padding is causally after every real
+    token, so it changes nothing they compute, and its labels are IGNORE.
+
+    seqs: [len_i] tokens; recall_masks: [len_i - 1] bool. Returns (inputs, labels, positions, recall)
+    [total] each (positions restart at 0 for every sequence) and cu_seqlens int32 [n + 1].
+    """
+    inputs, labels, positions, recall, lengths = [], [], [], [], []
+    for seq, mask in zip(seqs, recall_masks):
+        n = len(seq) - 1
+        pad = -n % multiple
+        inputs.append(F.pad(seq[:-1], (0, pad)))
+        labels.append(F.pad(seq[1:], (0, pad), value=IGNORE))
+        positions.append(torch.arange(n + pad))
+        recall.append(F.pad(mask, (0, pad)))
+        lengths.append(n + pad)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return (*(torch.cat(x) for x in (inputs, labels, positions, recall)), cu)
 
 
 def make_dataset(cfg, vocab_size: int, tokenizer=None):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from dist import checkpoint
 from dist.config import Config
-from dist.data import make_dataset, split_for_dp
+from dist.data import IGNORE, make_dataset, pack, split_for_dp
 from dist.engine import make_engine
 from dist.memory import check_fits
 from dist.models import token_losses
@@ -34,9 +34,6 @@ from dist.fault.snapshot import Snapshots
 from dist.runtime import Runtime
 
 log = logging.getLogger("dist.train")
-
-IGNORE = -100
-
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warm-up then cosine decay to lr * min_lr_ratio."""
@@ -80,7 +77,7 @@ class SequenceRunner:
             self.shard = shard
             self.model = wrap_model(model, group=rt.sp_group, strategy=cfg.sp.strategy, layout=self.layout)
 
-    def step(self, engine, batch, step: int, data) -> torch.Tensor:
+    def step(self, engine, batch, step: int, upcoming=None) -> torch.Tensor:
         """This rank's share of a step: the sequences dealt to its data-parallel group, one pass each
         (plus zero-weighted passes where the engine needs every rank to run as many); float64 [3] sums
         of (loss, recall loss, recall count) over its targets."""
@@ -104,16 +101,9 @@ class SequenceRunner:
         `last`: the step's last backward on this rank; `weight` 0 runs a pass that adds zero gradients
         (engines that need the same number of passes on every rank)."""
         dev = self.rt.device
-        inputs, labels = seq[:-1], seq[1:].clone()
-        positions = torch.arange(len(inputs))
+        multiple = 1 if self.sp == 1 else (2 * self.sp if self.layout == "zigzag" else self.sp)
+        inputs, labels, positions, recall, _ = pack([seq], [recall], multiple)
         if self.sp > 1:
-            multiple = 2 * self.sp if self.layout == "zigzag" else self.sp
-            pad = -len(inputs) % multiple
-            if pad:  # padded at the end: causal attention keeps real tokens unaffected
-                inputs = F.pad(inputs, (0, pad))
-                labels = F.pad(labels, (0, pad), value=IGNORE)
-                recall = F.pad(recall, (0, pad))
-                positions = torch.arange(len(inputs))
             r, w = self.rt.sp_index, self.sp
             inputs, labels, positions, recall = (self.shard(x, 0, r, w, self.layout)
                                                  for x in (inputs, labels, positions, recall))
@@ -210,11 +200,13 @@ def _train(cfg: Config, rt: Runtime, model, engine, runner: SequenceRunner, n_pa
     last = {}
     saved = None
     try:
+        upcoming = data.batch(start) if start < cfg.train.steps else None
         for step in range(start, cfg.train.steps):
             t0 = time.perf_counter()
-            batch = data.batch(step)
+            batch = upcoming  # each batch is built once, a step ahead (the adaptive planner plans it early)
+            upcoming = data.batch(step + 1) if step + 1 < cfg.train.steps else None
             n_global = batch.num_targets
-            sums = runner.step(engine, batch, step, data)  # forward + backward of this rank's share
+            sums = runner.step(engine, batch, step, upcoming)  # forward + backward of this rank's share
             lr = lr_at(step, cfg)
             if snaps:
                 snaps.wait_copied()  # the snapshot in flight has read the tensors the optimizer changes

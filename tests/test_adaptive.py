@@ -23,8 +23,8 @@ def _train(rank, world, overrides):
     plans = []
     original = adaptive.AdaptiveRunner.plan
 
-    def recording(self, step, data):
-        plan = original(self, step, data)
+    def recording(self, *args):
+        plan = original(self, *args)
         plans.append(plan)
         return plan
 

@@ -79,3 +79,17 @@ def test_split_for_dp_balances_and_covers():
 def test_make_dataset_from_config():
     cfg = load_config(None, ["data.seq_len_max=256", "data.tokens_per_step=1024"])
     assert isinstance(make_dataset(cfg, 512), SyntheticRecall)
+
+
+def test_pack_pads_each_sequence_to_the_layout_multiple():
+    from dist.data import IGNORE, pack
+
+    seqs = [torch.arange(10, 16), torch.arange(20, 23)]             # 5 and 2 targets
+    masks = [torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool), torch.tensor([0, 1], dtype=torch.bool)]
+    inputs, labels, positions, recall, cu = pack(seqs, masks, multiple=4)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 8, 12]
+    assert inputs.tolist() == [10, 11, 12, 13, 14, 0, 0, 0, 20, 21, 0, 0]
+    assert labels.tolist() == [11, 12, 13, 14, 15] + [IGNORE] * 3 + [21, 22] + [IGNORE] * 2
+    assert positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert recall.tolist() == [False] * 3 + [True] * 2 + [False] * 4 + [True] + [False] * 2
+    assert pack(seqs, masks)[4].tolist() == [0, 5, 7]                # multiple 1: no padding

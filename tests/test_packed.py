@@ -98,3 +98,57 @@ def _packed_mismatch(rank, world):
 def test_cu_seqlens_that_differ_across_ranks_fail_alike():
     for msg in run_ranks(_packed_mismatch, 2, timeout_s=60):
         assert msg is not None and "cu_seqlens" in msg, msg
+
+
+def _packed_messages(rank, world, lengths_sets, strategies):
+    """For each strategy and each set of packed lengths: the c10d ops of one steady-state call (forward
+    and backward; the first call's input check is left out) and the error against per-sequence float64
+    attention (lengths here leave TokenRing's own block in two parts on CPU)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist.ringattn import shard, unshard
+    from dist.seqpar import sp_attention
+
+    out = {}
+    for strategy in strategies:
+        for lengths in lengths_sets:
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            q, k, v, dout, ref = _packed_case(2, lengths, 4, 2, 8)
+            mine = [shard(x.detach(), 1, rank, world, "zigzag", cu_seqlens=cu).requires_grad_() for x in (q, k, v)]
+            d_mine = shard(dout, 1, rank, world, "zigzag", cu_seqlens=cu)
+
+            def call():
+                for x in mine:
+                    x.grad = None
+                o = sp_attention(*mine, causal=True, strategy=strategy, layout="zigzag", cu_seqlens=cu)
+                o.backward(d_mine)
+                return o
+
+            call()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                o = call()
+            ops = dict(Counter(e.name for e in prof.events() if e.name.startswith("c10d::")))
+            err = (unshard(o.detach(), 1, None, "zigzag", cu_seqlens=cu).double() - ref).abs().max().item()
+            for full, part in zip((q, k, v), mine):
+                err = max(err, (unshard(part.grad, 1, None, "zigzag", cu_seqlens=cu).double()
+                                - full.grad).abs().max().item())
+            out[(strategy, len(lengths))] = (ops, err)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_packed_call_sends_one_pass_of_messages():
+    """A packed call runs one pass of the strategy for all its sequences: the same messages (sends,
+    receives, collectives) for four sequences as for one sequence of the same total length."""
+    world = 3
+    one = [96 * world]
+    four = [16 * world, 8 * world, 48 * world, 24 * world]
+    per_rank = run_ranks(_packed_messages, world, [one, four], ("tokenring", "ring", "allgather"), timeout_s=100)
+    for result in per_rank:
+        for strategy in ("tokenring", "ring", "allgather"):
+            ops_one, err_one = result[(strategy, 1)]
+            ops_four, err_four = result[(strategy, 4)]
+            assert err_one < TOL and err_four < TOL, (strategy, err_one, err_four)
+            assert ops_one and ops_four == ops_one, (strategy, ops_one, ops_four)

@@ -152,7 +152,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
     cu_seqlens: packed sequences (int32 [n + 1], cumulative lengths in the full packed tensor, the same
     on every rank; batch 1), each sharded in the layout on its own (`shard(..., cu_seqlens=cu)`):
-    attention never crosses sequences. Each sequence runs the strategy's schedule in turn.
+    attention never crosses sequences. One pass of the strategy carries every sequence: at each step
+    all sequences stand in the same block relation, so its messages and kernel calls cover them all.
     """
     import torch.distributed as dist
 
@@ -172,31 +173,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         strategy = choose_strategy(q.shape, k.shape, ranks, causal=causal, layout=layout,
                                    itemsize=q.element_size(), device_type=q.device.type)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if lengths is None:
-        return _run(strategy, q, k, v, group, world, layout, causal, scale)
-    local = [n // world for n in lengths]
-    return torch.cat([_run(strategy, *parts, group, world, layout, causal, scale)
-                      for parts in zip(q.split(local, 1), k.split(local, 1), v.split(local, 1))], dim=1)
-
-
-def _run(strategy, q, k, v, group, world, layout, causal, scale):
-    """One (dense) sequence's schedule: q, k, v [batch, local_seq, heads, dim] of this rank."""
-    if world == 1:  # plain attention; same code path, no messages
-        spec = _LocalSpec(layout, causal, scale, q.shape[1])
-    else:
-        spec = RingSpec(group, layout, causal, scale, q.shape[1])
-    spec.diag_tail = diag_tail(q.device.type)
+    local = [q.shape[1]] if lengths is None else [n // world for n in lengths]
+    key = (group, world, rank, layout, bool(causal), scale, tuple(local), q.device, diag_tail(q.device.type))
+    spec = _SPECS.get(key)
+    if spec is None:  # blocks and row sets of this signature, built once
+        if len(_SPECS) >= 256:
+            del _SPECS[next(iter(_SPECS))]
+        spec = _SPECS[key] = RingSpec(group, world, rank, layout, causal, scale, local, q.device, key[-1])
     return STRATEGIES[strategy].apply(q.contiguous(), k.contiguous(), v.contiguous(), spec)
 
 
-class _LocalSpec(RingSpec):
-    """A one-rank ring (no process group needed)."""
-
-    def __init__(self, layout, causal, scale, local_len):  # noqa: D107 - no super(): no group
-        self.group = None
-        self.world, self.rank = 1, 0
-        self.layout, self.causal, self.scale, self.n = layout, causal, scale, local_len
-        self.next = self.prev = 0
-        self.twin = None
-        self.diag_tail = 0.0
+_SPECS: dict = {}  # RingSpec per call signature (insertion-ordered, the oldest dropped first)

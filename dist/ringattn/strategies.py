@@ -20,40 +20,143 @@ ring       KV travels one hop per step towards next; in backward dK/dV accumulat
 allgather  all-gather KV, compute locally; backward sends each rank's dK/dV share back with one
            all-to-all (a reduce-scatter).
 
+Packed sequences (cu_seqlens): every sequence is split in the layout on its own, so at each step all
+of a rank's sequences stand in the same block relation to the peer's. One pass carries them all: a
+block's rows are a `Rows` set (a range of each sequence), travel as one message per tensor and go
+through one varlen kernel call; the schedule and its message count do not depend on how many
+sequences there are.
+
 Each is a torch.autograd.Function: forward(q, k, v, spec) -> out, differentiable in q, k, v.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from dist import comm
 from dist.kernels import attention_backward, attention_delta, attention_forward, merge_attention
-
 from dist.plan import block, diag_parts, q_needed, relay_start
 
 
-class RingSpec:
-    """What every step needs to know: group, ring position, sizes, masking."""
+class Rows:
+    """A set of a rank's local rows: rows [starts[i], stops[i]) of each packed sequence i, whose local
+    lengths are `lengths` (one sequence: a plain slice, as an unpacked call has).
 
-    def __init__(self, group, layout: str, causal: bool, scale: float, local_len: int):
-        self.group = group
-        self.world = comm.group_size(group)
-        self.rank = comm.group_rank(group)
-        self.layout = layout
-        self.causal = causal
-        self.scale = scale
-        self.n = local_len
+    Every sequence is split in the layout on its own, so at each ring step every sequence's rows stand
+    in the same block relation to the peer's: one kernel call covers them all, with `cu` (int32
+    [n + 1], the selected rows' cumulative lengths per sequence; None for one sequence) as its
+    cu_seqlens. `take` gathers the rows into one tensor in sequence order (a view when they are one
+    slice), which is also how they travel."""
+
+    def __init__(self, lengths, starts, stops, device):
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        ranges = [(o + a, o + b) for o, a, b in zip(offsets, starts, stops)]
+        self.sizes = [b - a for a, b in ranges]  # selected rows per sequence
+        self.count = sum(self.sizes)
+        self.full = self.count == offsets[-1]
+        self.cu = None
+        if len(lengths) > 1:
+            self.cu = torch.tensor([0, *itertools.accumulate(self.sizes)], dtype=torch.int32, device=device)
+        if self.count == 0:
+            self.slice, self.index = slice(0, 0), None
+        elif all(prev[1] == nxt[0] for prev, nxt in zip(ranges, ranges[1:])):  # one range
+            self.slice, self.index = slice(ranges[0][0], ranges[-1][1]), None
+        else:
+            self.slice = None
+            self.index = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+
+    def take(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The rows of x along `dim` (x [b, rows, ...], or lse [b, h, rows] with dim=2)."""
+        if self.index is None:
+            return x.narrow(dim, self.slice.start, self.count)
+        return x.index_select(dim, self.index)
+
+    def add_into(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """t[:, rows] += value (t [b, rows, ...])."""
+        if self.index is None:
+            t[:, self.slice] += value
+        else:
+            t.index_add_(1, self.index, value)
+
+
+class PackedBlock:
+    """dist.plan.block for every packed sequence at once: query rows `q` (a suffix of each sequence),
+    key rows `k` (a range of each), `causal` only on the diagonal."""
+
+    def __init__(self, q: Rows, k: Rows, causal: bool):
+        self.q, self.k, self.causal = q, k, causal
+
+
+class RingSpec:
+    """What every step needs to know: group, ring position, the local lengths of the packed sequences
+    (one for an unpacked call), masking; blocks and relay rows as Rows, built once per spec."""
+
+    def __init__(self, group, world: int, rank: int, layout: str, causal: bool, scale: float, lengths: list[int],
+                 device, diag_tail: float = 0.0):
+        """world 1: a one-rank ring, no messages (group may then be None without torch.distributed)."""
+        self.group, self.world, self.rank = group, world, rank
+        self.layout, self.causal, self.scale = layout, causal, scale
+        self.lengths, self.device = list(lengths), device
+        self.n = sum(lengths)
         self.next = (self.rank + 1) % self.world
         self.prev = (self.rank - 1) % self.world
-        self.twin = comm.twin_group(group) if self.world > 1 else None
-        self.diag_tail = 0.0  # TokenRing: rows of the local block left to hide the last return (layout.diag_tail)
+        self.all = self.rows([0] * len(lengths))
+        # TokenRing: rows of the local block left to hide the last return (dist.plan.diag_tail)
+        self.diag_tail = diag_tail if self.world > 1 else 0.0
+        self._cache: dict = {}
 
-    def block(self, a: int, b: int):
-        return block(a, b, self.n, self.layout, self.causal)
+    def rows(self, starts, stops=None, lengths=None) -> Rows:
+        lengths = self.lengths if lengths is None else lengths
+        return Rows(lengths, starts, lengths if stops is None else stops, self.device)
 
-    def relay_start(self, a: int, holder: int) -> int:
-        return relay_start(a, holder, self.world, self.n, self.layout, self.causal)
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def block(self, a: int, b: int) -> PackedBlock | None:
+        """Queries of rank a with keys of rank b, for every sequence; None when the mask keeps nothing."""
+        def make():
+            blocks = [block(a, b, n, self.layout, self.causal) for n in self.lengths]
+            if blocks[0] is None:
+                return None
+            return PackedBlock(self.rows([x.q_start for x in blocks]),
+                               self.rows([x.k_start for x in blocks], [x.k_stop for x in blocks]), blocks[0].causal)
+        return self._cached(("block", a, b), make)
+
+    def relay(self, a: int, holder: int) -> Rows:
+        """The rows of Q_a that `holder` forwards (dist.plan.relay_start of each sequence)."""
+        return self._cached(("relay", a, holder), lambda: self.rows(
+            [relay_start(a, holder, self.world, n, self.layout, self.causal) for n in self.lengths]))
+
+    def needed(self, a: int, b: int) -> Rows:
+        """The rows of Q_a that holder b computes with (dist.plan.q_needed of each sequence)."""
+        return self._cached(("needed", a, b), lambda: self.rows(
+            [q_needed(a, b, n, self.layout, self.causal) for n in self.lengths]))
+
+    def within(self, held: Rows, wanted: Rows) -> Rows:
+        """Where the rows `wanted` lie inside the rows `held` of a travelling Q (both suffixes of every
+        sequence, wanted inside held: a relay never needs rows it did not receive)."""
+        def make():
+            assert all(w <= h for w, h in zip(wanted.sizes, held.sizes)), "wanted rows must be held"
+            return self.rows([h - w for h, w in zip(held.sizes, wanted.sizes)], lengths=held.sizes)
+        return self._cached(("within", tuple(held.sizes), tuple(wanted.sizes)), make)
+
+    def diag_parts(self) -> list[PackedBlock]:
+        """The own block in parts, each top-left causal or unmasked (dist.plan.diag_parts of every
+        sequence); two parts only when every sequence splits."""
+        def make():
+            per_seq = [diag_parts(n, self.causal, self.diag_tail) for n in self.lengths]
+            if any(len(p) != len(per_seq[0]) for p in per_seq):
+                per_seq = [diag_parts(n, self.causal, 0.0) for n in self.lengths]
+            return [PackedBlock(self.rows([p[i][0] for p in per_seq]),
+                                self.rows([p[i][1] for p in per_seq], [p[i][2] for p in per_seq]), self.causal)
+                    for i in range(len(per_seq[0]))]
+        return self._cached("diag", make)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -70,15 +173,19 @@ class _Acc:
         self.shape, self.dtype, self.device = q.shape, _acc_dtype(q), q.device
         self.out = self.lse = None
 
-    def merge(self, start: int, block_out, block_lse) -> None:
-        """Fold in a partial result for query rows [start, start + rows)."""
-        stop = start + block_out.shape[1]
+    def merge(self, rows: Rows, block_out, block_lse) -> None:
+        """Fold in a partial result (out [b, rows.count, hq, d], lse [b, hq, rows.count]) for `rows`."""
         if self.out is None:
-            if start == 0 and stop == self.shape[1]:
+            if rows.full:
                 self.out, self.lse = block_out.to(self.dtype), block_lse.to(self.dtype)
                 return
             self._allocate()
-        merge_attention(self.out[:, start:stop], self.lse[:, :, start:stop], block_out, block_lse, inplace=True)
+        if rows.index is None:  # views of the accumulator: merged in place
+            merge_attention(rows.take(self.out), rows.take(self.lse, 2), block_out, block_lse, inplace=True)
+            return
+        out, lse = merge_attention(rows.take(self.out), rows.take(self.lse, 2), block_out, block_lse)
+        self.out.index_copy_(1, rows.index, out)
+        self.lse.index_copy_(2, rows.index, lse)
 
     def _allocate(self) -> None:
         b, n, h, _ = self.shape
@@ -94,24 +201,17 @@ class _Acc:
 
 class _Sum:
     """A gradient summed from row blocks into one fp32 tensor shaped like `like` [b, n, ...]: the first
-    block is taken over (when it covers every row) or copied in with the other rows zeroed; later
-    blocks are added. Saves the zero-filled buffer and one pass over it."""
+    block is taken over (when it covers every row) or added into zeros; later blocks are added."""
 
     def __init__(self, like: torch.Tensor):
         self.shape, self.dtype, self.device = like.shape, _acc_dtype(like), like.device
         self.t = None
 
-    def add(self, start: int, value: torch.Tensor) -> None:
-        stop = start + value.shape[1]
-        if self.t is not None:
-            self.t[:, start:stop] += value
-        elif start == 0 and stop == self.shape[1]:
+    def add(self, rows: Rows, value: torch.Tensor) -> None:
+        if self.t is None and rows.full:
             self.t = value.to(self.dtype)
-        else:
-            self.t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            self.t[:, :start].zero_()
-            self.t[:, stop:].zero_()
-            self.t[:, start:stop] = value
+            return
+        rows.add_into(self.get(), value)
 
     def get(self) -> torch.Tensor:
         if self.t is None:
@@ -119,18 +219,19 @@ class _Sum:
         return self.t
 
 
-def _fwd_block(spec: RingSpec, q_rows, k, v, blk):
-    """q_rows: the block's query rows [b, n - q_start, hq, d]. Returns (out, lse) of the block."""
-    return attention_forward(q_rows, k[:, blk.k_start:blk.k_stop], v[:, blk.k_start:blk.k_stop],
-                             causal=blk.causal, softmax_scale=spec.scale)
+def _fwd_block(spec: RingSpec, q_rows, k, v, blk: PackedBlock):
+    """q_rows: the block's query rows [b, blk.q.count, hq, d]; k, v: the holder's whole shard.
+    Returns (out, lse) of the block: one varlen kernel call for every packed sequence."""
+    return attention_forward(q_rows, blk.k.take(k), blk.k.take(v), causal=blk.causal, softmax_scale=spec.scale,
+                             cu_seqlens_q=blk.q.cu, cu_seqlens_k=blk.k.cu)
 
 
-def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk, delta=None):
-    """Returns (dQ of the block's rows, dK, dV of keys [blk.k_start, blk.k_stop)).
+def _bwd_block(spec: RingSpec, dout, q_rows, k, v, out, lse, blk: PackedBlock, delta=None):
+    """Returns (dQ of the block's query rows, dK, dV of its key rows blk.k).
     delta (D = rowsum(dout * out)) may stand in for out (then None)."""
-    ks, ke = blk.k_start, blk.k_stop
-    return attention_backward(dout, q_rows, k[:, ks:ke], v[:, ks:ke], out, lse, delta=delta,
-                              causal=blk.causal, softmax_scale=spec.scale)
+    return attention_backward(dout, q_rows, blk.k.take(k), blk.k.take(v), out, lse, delta=delta,
+                              causal=blk.causal, softmax_scale=spec.scale,
+                              cu_seqlens_q=blk.q.cu, cu_seqlens_k=blk.k.cu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,31 +249,30 @@ def _tokenring_pass(spec: RingSpec, own: list[torch.Tensor], compute, local, res
 
     own: this rank's row tensors [b, n, ...] that travel (Q, or Q/dO/stats), one message each (a
     slice of rows of a contiguous tensor is sent as it is when b == 1, no packing copy). At step
-    t >= 1 the rank holds rows [held_start:] of Q_a (a = rank + t) and calls
-    compute(a, held_start, held) -> list of result row tensors [b, rows, ...] (described by
-    result_spec) for rows [block.q_start:], or None when the mask leaves nothing; they go straight
-    back to a one step later, where merge(start, results) folds them in. The local (diagonal) block
-    is computed by local(q_start, k_start, k_stop) for each part of `diag_parts`: the first while
-    the first Q is in flight, the second (spec.diag_tail of the rows) while the last results travel
-    back, so no message is left exposed.
+    t >= 1 the rank holds rows `held_rows` of Q_a (a = rank + t; the suffix of each packed sequence
+    that its remaining holders need) and calls compute(a, held_rows, held) -> list of result row
+    tensors [b, rows, ...] (described by result_spec) for the block's query rows, or None when the
+    mask leaves nothing; they go straight back to a one step later, where merge(rows, results) folds
+    them in. The local (diagonal) block is computed by local(part) for each part of
+    `spec.diag_parts()`: the first while the first Q is in flight, the second (spec.diag_tail of the
+    rows) while the last results travel back, so no message is left exposed.
     """
-    p, r, n = spec.world, spec.rank, spec.n
+    p, r = spec.world, spec.rank
     spec_rows = [(tuple(x.shape[2:]), x.dtype) for x in own]
     b, device = own[0].shape[0], own[0].device
-    parts = diag_parts(n, spec.causal, spec.diag_tail if p > 1 else 0.0)
-    held_a, held_start, held = r, 0, own
+    parts = spec.diag_parts()
+    held_a, held_rows, held = r, spec.all, own
     pending = None  # (owner, results) computed in the previous step, to be sent back
     for t in range(p + 1):  # step p only returns the last results (and computes the rest of the diagonal)
         ex = comm.Exchange(spec.group)
         incoming = back = None
         if t < p - 1:  # forward the held Q towards prev, receive the next one from next
-            send_start = spec.relay_start(held_a, r)
-            assert send_start >= held_start, "a relay never needs rows it did not receive"
-            for x in held if send_start < n else ():
-                ex.send(x[:, send_start - held_start:].contiguous(), spec.prev, label_q)
+            send = spec.within(held_rows, spec.relay(held_a, r))
+            for x in held if send.count else ():
+                ex.send(send.take(x).contiguous(), spec.prev, label_q)
             next_a = (r + t + 1) % p
-            recv_start = spec.relay_start(next_a, spec.next)
-            incoming = (next_a, recv_start, _empty_rows(spec_rows, b, n - recv_start, device))
+            recv_rows = spec.relay(next_a, spec.next)
+            incoming = (next_a, recv_rows, _empty_rows(spec_rows, b, recv_rows.count, device))
             for buf in incoming[2]:
                 ex.recv(buf, spec.next)
         if pending is not None:  # results of the previous step go back to their owner
@@ -180,27 +280,26 @@ def _tokenring_pass(spec: RingSpec, own: list[torch.Tensor], compute, local, res
                 ex.send(x, pending[0], label_back, tag=1)
             pending = None
         if t >= 2:  # and ours come back from the rank that held our Q in the previous step
-            holder = (r - (t - 1)) % p
-            start = q_needed(r, holder, n, spec.layout, spec.causal)
-            back = (start, _empty_rows(result_spec, b, n - start, device))
+            rows = spec.needed(r, (r - (t - 1)) % p)
+            back = (rows, _empty_rows(result_spec, b, rows.count, device))
             for buf in back[1]:
-                ex.recv(buf, holder, tag=1)
+                ex.recv(buf, (r - (t - 1)) % p, tag=1)
         ex.start()
 
         if t == 0:
-            local(*parts[0])
+            local(parts[0])
         elif t < p:
-            results = compute(held_a, held_start, held)
+            results = compute(held_a, held_rows, held)
             pending = (held_a, results) if results is not None else None
         elif len(parts) > 1:
-            local(*parts[1])
+            local(parts[1])
 
         ex.wait()
-        if back is not None and back[0] < n:
+        if back is not None and back[0].count:
             merge(back[0], back[1])
         if incoming is not None:
-            held_a, held_start = incoming[0], incoming[1]
-            held = incoming[2] if held_start < n else None
+            held_a, held_rows = incoming[0], incoming[1]
+            held = incoming[2] if held_rows.count else None
         if p == 1:
             break
 
@@ -212,20 +311,19 @@ class TokenRingAttention(torch.autograd.Function):
         r = spec.rank
         b, n, hq, d = q.shape
 
-        def compute(a, held_start, held):
+        def compute(a, held_rows, held):
             blk = spec.block(a, r)
             if blk is None:
                 return None
-            o, l = _fwd_block(spec, held[0][:, blk.q_start - held_start:], k, v, blk)
+            o, l = _fwd_block(spec, spec.within(held_rows, blk.q).take(held[0]), k, v, blk)
             return [o, l.transpose(1, 2).contiguous()]  # lse rows first, like every travelling tensor
 
-        def local(qs, ks, ke):
-            o, l = attention_forward(q[:, qs:], k[:, ks:ke], v[:, ks:ke], causal=spec.causal,
-                                     softmax_scale=spec.scale)
-            acc.merge(qs, o, l)
+        def local(blk):
+            o, l = _fwd_block(spec, blk.q.take(q), k, v, blk)
+            acc.merge(blk.q, o, l)
 
-        def merge(start, results):
-            acc.merge(start, results[0], results[1].transpose(1, 2))
+        def merge(rows, results):
+            acc.merge(rows, results[0], results[1].transpose(1, 2))
 
         result_spec = [((hq, d), q.dtype), ((hq,), torch.float32)]
         _tokenring_pass(spec, [q], compute, local, result_spec, "q", "out", merge)
@@ -242,27 +340,26 @@ class TokenRingAttention(torch.autograd.Function):
         dq, dk, dv = _Sum(q), _Sum(k), _Sum(v)
         dout = dout.contiguous().to(q.dtype)
 
-        def compute(a, held_start, held):
+        def compute(a, held_rows, held):
             blk = spec.block(a, r)
             if blk is None:
                 return None
-            s = blk.q_start - held_start
-            q_a, do_a, stats_a = (x[:, s:] for x in held)
+            rows = spec.within(held_rows, blk.q)
+            q_a, do_a, stats_a = (rows.take(x) for x in held)
             lse_a, delta_a = stats_a[:, :, 0].transpose(1, 2), stats_a[:, :, 1].transpose(1, 2)
             dq_a, dk_b, dv_b = _bwd_block(spec, do_a, q_a, k, v, None, lse_a, blk, delta=delta_a)
-            dk.add(blk.k_start, dk_b)
-            dv.add(blk.k_start, dv_b)
+            dk.add(blk.k, dk_b)
+            dv.add(blk.k, dv_b)
             return [dq_a]
 
-        def local(qs, ks, ke):
-            g = attention_backward(dout[:, qs:], q[:, qs:], k[:, ks:ke], v[:, ks:ke], out[:, qs:],
-                                   lse[:, :, qs:], causal=spec.causal, softmax_scale=spec.scale)
-            dq.add(qs, g[0])
-            dk.add(ks, g[1])
-            dv.add(ks, g[2])
+        def local(blk):
+            g = _bwd_block(spec, blk.q.take(dout), blk.q.take(q), k, v, blk.q.take(out), blk.q.take(lse, 2), blk)
+            dq.add(blk.q, g[0])
+            dk.add(blk.k, g[1])
+            dv.add(blk.k, g[2])
 
-        def merge(start, results):
-            dq.add(start, results[0])
+        def merge(rows, results):
+            dq.add(rows, results[0])
 
         result_spec = [(tuple(q.shape[2:]), q.dtype)]
         # Q, dO and the row statistics (lse, D = rowsum(dO * out)) travel; out stays home
@@ -293,8 +390,8 @@ class RingAttention(torch.autograd.Function):
             ex.start()
             blk = spec.block(r, (r - t) % p)
             if blk is not None:
-                o, l = _fwd_block(spec, q[:, blk.q_start:], *held, blk)
-                acc.merge(blk.q_start, o, l)
+                o, l = _fwd_block(spec, blk.q.take(q), *held, blk)
+                acc.merge(blk.q, o, l)
             ex.wait()
             if incoming is not None:
                 held = incoming
@@ -330,17 +427,17 @@ class RingAttention(torch.autograd.Function):
             dk_b, dv_b = _Sum(k), _Sum(v)  # this step's dK/dV of the KV we hold
             blk = spec.block(r, (r - t) % p)
             if blk is not None:
-                s = blk.q_start
-                g = _bwd_block(spec, dout[:, s:], q[:, s:], *held, out[:, s:], lse[:, :, s:], blk)
-                dq.add(s, g[0])
-                dk_b.add(blk.k_start, g[1])
-                dv_b.add(blk.k_start, g[2])
+                rows = blk.q
+                g = _bwd_block(spec, rows.take(dout), rows.take(q), *held, rows.take(out), rows.take(lse, 2), blk)
+                dq.add(rows, g[0])
+                dk_b.add(blk.k, g[1])
+                dv_b.add(blk.k, g[2])
             ex.wait()
             if sending is not None:
                 sending.wait()
             if acc_in is not None:
-                dk_b.add(0, acc_in[0])
-                dv_b.add(0, acc_in[1])
+                dk_b.add(spec.all, acc_in[0])
+                dv_b.add(spec.all, acc_in[1])
             dk_b, dv_b = dk_b.get(), dv_b.get()
             sending = comm.Exchange(spec.group)
             if p > 1:
@@ -377,8 +474,8 @@ class AllGatherAttention(torch.autograd.Function):
             blk = spec.block(r, b)
             if blk is not None:
                 k_b, v_b = comm.unpack_rows([kvs[b]], kv_spec)
-                o, l = _fwd_block(spec, q[:, blk.q_start:], k_b, v_b, blk)
-                acc.merge(blk.q_start, o, l)
+                o, l = _fwd_block(spec, blk.q.take(q), k_b, v_b, blk)
+                acc.merge(blk.q, o, l)
         out, lse = acc.result(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
@@ -402,11 +499,11 @@ class AllGatherAttention(torch.autograd.Function):
                 continue
             k_b, v_b = comm.unpack_rows([kvs[b]], kv_spec)
             dk_b, dv_b = comm.unpack_rows([dkv[b]], [(tuple(k.shape[2:]), acc)] * 2)
-            s, ks, ke = blk.q_start, blk.k_start, blk.k_stop
-            g = _bwd_block(spec, dout[:, s:], q[:, s:], k_b, v_b, out[:, s:], lse[:, :, s:], blk)
-            dq.add(s, g[0])
-            dk_b[:, ks:ke] += g[1]
-            dv_b[:, ks:ke] += g[2]
+            rows = blk.q
+            g = _bwd_block(spec, rows.take(dout), rows.take(q), k_b, v_b, rows.take(out), rows.take(lse, 2), blk)
+            dq.add(rows, g[0])
+            blk.k.add_into(dk_b, g[1])  # views of dkv[b]
+            blk.k.add_into(dv_b, g[2])
         summed = (comm.all_to_all(dkv, spec.group, "dkv") if p > 1 else dkv).sum(0)
         dk, dv = comm.unpack_rows([summed], [(tuple(k.shape[2:]), acc)] * 2)
         return dq.get().to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -2,10 +2,10 @@
 SP groups of different sizes by the planner, and each group runs its sequences packed in one pass.
 
     runner = AdaptiveRunner(model, rt, cfg)        # builds every candidate group once
-    sums = runner.step(engine, batch, step)        # (loss sum, recall-loss sum, recall count) of this rank
+    sums = runner.step(engine, batch, step, upcoming)  # (loss sum, recall-loss sum, recall count) of this rank
 
 Per step: rank 0 plans (`plan_scatter`; the next step's plan is made in the background while this step
-runs, since batches are a pure function of the step) and broadcasts the plan, so every rank runs the
+runs, from the upcoming batch the training loop has already built) and broadcasts the plan, so every rank runs the
 same one. In each micro-batch a rank in a group packs the group's sequences (each padded at its end to
 what the layout needs, labels of the padding ignored), takes its shard of every sequence
 (`shard(..., cu_seqlens=...)`) and runs forward and backward through SP attention over the group
@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist import comm
+from dist.data import IGNORE, pack
 from dist.models import token_losses
 from dist.ringattn import shard
 
@@ -32,8 +33,6 @@ from .planner import candidate_groups, check_world, plan_scatter
 from .wrap import ring_attn_fn
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 def capacity(cfg, world_size: int) -> int:
@@ -79,32 +78,32 @@ class AdaptiveRunner:
                             time_limit_s=self.cfg.sp.plan_time_limit_s)
         return [[(g.ranks, list(g.seq_ids)) for g in mb] for mb in plan.microbatches], plan
 
-    def plan(self, step: int, data) -> list:
-        """The plan of `step` on every rank: micro-batches of (ranks, seq_ids). Rank 0 also starts planning
-        step + 1 in the background."""
+    def plan(self, step: int, batch, upcoming=None) -> list:
+        """The plan of `step` (its batch) on every rank: micro-batches of (ranks, seq_ids). Rank 0 also
+        starts planning step + 1 (the batch `upcoming`, None after the last step) in the background."""
         obj = [None]
         if self.rt.is_main:
             if self.next is not None and self.next[0] == step:
                 groups, plan = self.next[1].result()
             else:
-                groups, plan = self._plan([len(s) for s in data.batch(step).seqs])
+                groups, plan = self._plan([len(s) for s in batch.seqs])
             log.debug("step %d: plan %s, %d micro-batches, predicted %.3g s, planned in %.3f s", step + 1,
                       plan.solver, len(groups), plan.predicted_step_s, plan.solve_s)
             obj[0] = groups
-            if step + 1 < self.cfg.train.steps:
-                lens = [len(s) for s in data.batch(step + 1).seqs]
-                self.next = (step + 1, self.pool.submit(self._plan, lens))
+            if upcoming is not None:
+                self.next = (step + 1, self.pool.submit(self._plan, [len(s) for s in upcoming.seqs]))
         if self.rt.world_size > 1:
             dist.broadcast_object_list(obj, src=0)
         return obj[0]
 
     # -- running -----------------------------------------------------------------------------------------
 
-    def step(self, engine, batch, step: int, data) -> torch.Tensor:
-        """Forward and backward of every micro-batch this rank is in; returns float64 [3] sums."""
+    def step(self, engine, batch, step: int, upcoming=None) -> torch.Tensor:
+        """Forward and backward of every micro-batch this rank is in; returns float64 [3] sums.
+        upcoming: the next step's batch (planned in the background), None after the last step."""
         sums = torch.zeros(3, dtype=torch.float64)
         n_global = batch.num_targets
-        for micro in self.plan(step, data):
+        for micro in self.plan(step, batch, upcoming):
             for ranks, seq_ids in micro:
                 if self.rt.rank in ranks:
                     sums += self._run_group(engine, batch, ranks, seq_ids, n_global)
@@ -113,18 +112,8 @@ class AdaptiveRunner:
     def _run_group(self, engine, batch, ranks, seq_ids, n_global) -> torch.Tensor:
         d, layout = len(ranks), self.cfg.sp.layout
         multiple = 1 if d == 1 else (2 * d if layout == "zigzag" else d)
-        inputs, labels, positions, recall, lengths = [], [], [], [], []
-        for i in seq_ids:  # padded at each sequence's end: causal attention keeps real tokens unaffected
-            seq = batch.seqs[i]
-            n = len(seq) - 1
-            pad = -n % multiple
-            inputs.append(F.pad(seq[:-1], (0, pad)))
-            labels.append(F.pad(seq[1:], (0, pad), value=IGNORE))
-            positions.append(torch.arange(n + pad))
-            recall.append(F.pad(batch.recall_masks[i], (0, pad)))
-            lengths.append(n + pad)
-        inputs, labels, positions, recall = (torch.cat(x) for x in (inputs, labels, positions, recall))
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        inputs, labels, positions, recall, cu = pack([batch.seqs[i] for i in seq_ids],
+                                                     [batch.recall_masks[i] for i in seq_ids], multiple)
         if d > 1:
             r = ranks.index(self.rt.rank)
             inputs, labels, positions, recall = (shard(x, 0, r, d, layout, cu_seqlens=cu)

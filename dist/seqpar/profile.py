@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="256,512,1024,2048,4096", help="comma-separated sequence lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--intra-link", default=None, help="dist.sim link inside a node (default: nvlink-h100 / cpu-shm)")
+    ap.add_argument("--intra-link", default=None, help="dist.sim link inside a node (default: nvlink-h100 / gloo-loopback)")
     ap.add_argument("--inter-link", default=None, help="dist.sim link across nodes (default: ib-400 / gloo-loopback)")
     ap.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default: the GPUs seen, or 8)")
     ap.add_argument("--strategy", default="tokenring")
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     itemsize = torch.finfo(dtype).bits // 8
     cm = CostModel(attn_s=attn_s, linear_s=linear_s, const_s=const_s, strategy=args.strategy,
                    heads_q=cfg.n_heads, heads_kv=cfg.n_kv_heads, head_dim=cfg.head_dim, n_layers=cfg.n_layers,
-                   itemsize=itemsize, intra_link=args.intra_link or ("nvlink-h100" if cuda else "cpu-shm"),
+                   itemsize=itemsize, intra_link=args.intra_link or ("nvlink-h100" if cuda else "gloo-loopback"),
                    inter_link=args.inter_link or ("ib-400" if cuda else "gloo-loopback"),
                    gpus_per_node=args.gpus_per_node or (torch.cuda.device_count() if cuda else 8))
     out = {**cm.to_dict(), "fit": {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
