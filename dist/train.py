@@ -21,7 +21,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dist import checkpoint
 from dist.config import Config

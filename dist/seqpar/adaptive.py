@@ -21,7 +21,6 @@ import logging
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dist import comm
 from dist.data import IGNORE, pack
