@@ -214,19 +214,30 @@ def sweep(models, worlds, weak_tokens, strong_seqs, strategies=STRATEGIES) -> di
 
 
 def stops(rows: list[dict]) -> list[dict]:
-    """Per (model, series, strategy): the largest P that meets the target and fits, and the first P
-    above it that does not, with why."""
+    """Per (model, series, strategy): the smallest P at which it runs and fits in memory, the largest P up
+    to which it then keeps >= 90% efficiency, and the first P where it falls below (or stops fitting or
+    running), with why."""
     out = []
-    keys = dict.fromkeys((r["model"], r["series"], r["strategy"]) for r in rows)
-    for key in keys:
+    for key in dict.fromkeys((r["model"], r["series"], r["strategy"]) for r in rows):
         pts = sorted((r for r in rows if (r["model"], r["series"], r["strategy"]) == key), key=lambda r: r["world"])
-        good = [r for r in pts if r["runs"] and r["fits"] and r["efficiency"] >= TARGET]
-        last = good[-1]["world"] if good else None
-        bad = next((r for r in pts if r["world"] > (last or 0) and not (r["runs"] and r["fits"]
-                                                                       and r["efficiency"] >= TARGET)), None)
-        out.append({"model": key[0], "series": key[1], "strategy": key[2], "scales_to": last,
-                    "stops_at": bad["world"] if bad else None,
-                    "why": (bad["why"] if bad and bad["runs"] else bad["why"] if bad else "")})
+        usable = [r for r in pts if r["runs"] and r["fits"]]
+        first = usable[0]["world"] if usable else None
+        good, bad = None, None
+        for r in pts:
+            if first is None or r["world"] < first:
+                continue
+            if r["runs"] and r["fits"] and r["efficiency"] >= TARGET:
+                good = r["world"]
+            else:
+                bad = r
+                break
+        if first is None:
+            bad = pts[-1]
+        top = [r for r in pts if r["runs"]]
+        out.append({"model": key[0], "series": key[1], "strategy": key[2], "fits_from": first, "scales_to": good,
+                    "stops_at": bad["world"] if bad else None, "why": bad["why"] if bad else "",
+                    "largest_world": top[-1]["world"] if top else None,
+                    "largest_efficiency": top[-1]["efficiency"] if top else None})
     return out
 
 
@@ -256,22 +267,27 @@ def tokenring_readme() -> list[dict]:
 
 
 def flexsp(lengths_path: str, batches: int, time_limit_s: float) -> list[dict]:
-    """FlexSP (PAPERS.md): adaptive scattering up to 1.98x faster than static SP frameworks on 64 A100s.
-    Ours: the planner's adaptive plan against static max-SP on the Wikipedia lengths, 64 GPUs, 8 a node,
-    A100 rates (datasheet, no fitting), NVLink 3 inside (nvlink-a100) and InfiniBand HDR across (ib-200)."""
+    """FlexSP (PAPERS.md): adaptive scattering up to 1.98x faster than static-SP frameworks (Megatron-LM,
+    DeepSpeed) on 64 A100s, the best case over its models and datasets. Ours: the planner's adaptive plan
+    on the Wikipedia lengths at 64 GPUs, 8 a node, A100 rates (datasheet, no fitting), NVLink 3 inside
+    (nvlink-a100) and InfiniBand HDR across (ib-200), against two static baselines that bracket a tuned
+    framework: one SP degree sized for a 1M-token sequence (weaker) and the best homogeneous degree
+    chosen per step (stronger than any fixed setting). The paper's baselines' SP degrees and per-dataset
+    figures are not stored here, so this is a bracket, not a point check."""
     from benchmarks.bench_planner import step_ratios, wikipedia_lengths
     from dist.seqpar import CostModel
 
     wiki = wikipedia_lengths(lengths_path)
-    cm = CostModel.for_model(PRESETS["llama3-8b"], attn_flops_per_s=A100.fwd_flops * A100.bwd_flops * 3.5
-                             / (A100.bwd_flops + 2.5 * A100.fwd_flops), matmul_flops_per_s=312e12 * 0.5,
+    attn = 3.5 / (1 / A100.fwd_flops + 2.5 / A100.bwd_flops)  # fwd + bwd rate (bwd = 2.5 x the flops)
+    cm = CostModel.for_model(PRESETS["llama3-8b"], attn_flops_per_s=attn, matmul_flops_per_s=312e12 * 0.5,
                              strategy="auto", intra_link="nvlink-a100", inter_link="ib-200")
-    rows = step_ratios({"wikipedia": lambda rng: rng.choice(wiki)}, cm, 16384, 1 << 20, [64], batches, 8192,
-                       time_limit_s, 0)
-    r = rows[0]
-    return [{"source": "FlexSP (64 x A100, Wikipedia-like lengths)", "what": "adaptive / static SP speed-up, "
-             "best case", "published_ms": None, "published": 1.98, "predicted": r["vs_static_p10_p90"][1], "predicted_median": r["vs_static_median"],
-             "error": r["vs_static_p10_p90"][1] / 1.98 - 1, "profile": "nvlink-a100 + ib-200 + a100-bf16 (CostModel)"}]
+    r = step_ratios({"wikipedia": lambda rng: rng.choice(wiki)}, cm, 16384, 1 << 20, [64], batches, 8192,
+                    time_limit_s, 0)[0]
+    inside = r["vs_homog_median"] <= 1.98 <= r["vs_static_p10_p90"][1]
+    return [{"source": "FlexSP (64 x A100, up to 1.98x over static SP)", "what": "adaptive / static speed-up",
+             "published": 1.98, "predicted_range": [r["vs_homog_median"], r["vs_static_median"]],
+             "error": None, "verdict": "inside the bracket" if inside else "outside the bracket",
+             "profile": "nvlink-a100 + ib-200 + a100-bf16 (CostModel)"}]
 
 
 # ------------------------------------------------------------------------------------------------ adaptive
@@ -381,17 +397,20 @@ def markdown(doc: dict) -> str:
              f"dist.memory's per-GPU peak of the whole model's training step ({c['memory']}). "
              f"Machine that ran the model: {doc['machine']}.", "",
              "## Where each strategy stops scaling", "",
-             f"Largest P at >= {TARGET:.0%} efficiency that fits in memory, the next P that does not, and why.", "",
-             "| model | series | strategy | scales to P | stops at P | why |", "|---|---|---|---|---|---|"]
+             f"From the smallest P at which a strategy runs and fits in memory: the largest P up to which it keeps "
+             f">= {TARGET:.0%} efficiency (- : not even there), the first P where it falls below, and why.", "",
+             "| model | series | strategy | fits from P | >= 90% up to P | falls below at P | why | efficiency at "
+             "the largest P it runs |", "|---|---|---|---|---|---|---|---|"]
     for kind in ("weak", "strong"):
         for s in doc["stops"][kind]:
-            lines.append(f"| {s['model']} | {kind}: {s['series']} | {s['strategy']} | {s['scales_to'] or '-'} "
-                         f"| {s['stops_at'] or '-'} | {s['why']} |")
-    h = doc.get("headline")
-    if h:
-        lines += ["", f"**Target** (weak scaling, 1M tokens on 1024 GPUs, tokens per GPU held at 1024): best "
-                  f"{h['strategy']} on {h['model']} at {h['efficiency']:.1%} modelled efficiency "
-                  f"({_ms(h['total_s'])} ms against {_ms(h['ideal_s'])} ms ideal, {h['memory_gib']:.1f} GiB per GPU)."]
+            top = f"{s['largest_efficiency']:.1%} (P={s['largest_world']})" if s["largest_world"] else "-"
+            lines.append(f"| {s['model']} | {kind}: {s['series']} | {s['strategy']} | {s['fits_from'] or 'never'} "
+                         f"| {s['scales_to'] or '-'} | {s['stops_at'] or '-'} | {s['why']} | {top} |")
+    for h in doc.get("headline", []):
+        lines += ["", f"**Target** (weak scaling, tokens per GPU held at {h['tokens_per_gpu']}: {h['seq'] // 1024}K "
+                  f"tokens on {h['world']} GPUs), {h['model']}: best {h['strategy']} at {h['efficiency']:.1%} modelled "
+                  f"efficiency ({_ms(h['total_s'])} ms against {_ms(h['ideal_s'])} ms ideal, {h['memory_gib']:.1f} GiB "
+                  f"per GPU); next best {h['runner_up']} at {h['runner_up_efficiency']:.1%}."]
     for kind, title in (("weak", "Weak scaling (tokens per GPU held constant)"),
                         ("strong", "Strong scaling (the sequence held constant)")):
         lines += ["", f"## {title}", "",
@@ -422,10 +441,14 @@ def markdown(doc: dict) -> str:
         lines += ["", "## Against published measurements (datasheet profiles, nothing fitted)", "",
                   "| source | what | published | predicted | error | profile |", "|---|---|---|---|---|---|"]
         for v in doc["validation"]:
-            pub = f"{v['published_ms']:.1f} ms" if v.get("published_ms") else f"{v['published']:.2f}x"
-            pred = f"{v['predicted_ms']:.2f} ms" if "predicted_ms" in v else (
-                f"{v['predicted']:.2f}x (p90; median {v['predicted_median']:.2f}x)")
-            lines.append(f"| {v['source']} | {v['what']} | {pub} | {pred} | {100 * v['error']:+.0f}% | {v['profile']} |")
+            if "predicted_ms" in v:
+                lines.append(f"| {v['source']} | {v['what']} | {v['published_ms']:.1f} ms | {v['predicted_ms']:.2f} ms "
+                             f"| {100 * v['error']:+.0f}% | {v['profile']} |")
+            else:
+                lo, hi = v["predicted_range"]
+                lines.append(f"| {v['source']} | {v['what']} | up to {v['published']:.2f}x | {lo:.2f}x (vs best "
+                             f"homogeneous per step) to {hi:.2f}x (vs static 1M-token SP), medians | {v['verdict']} "
+                             f"| {v['profile']} |")
     if doc.get("replay_check"):
         lines += ["", "## Analytic replay against the event timeline", "",
                   "| model | strategy | P | tokens/GPU | timeline ms | replay ms | difference | timeline s to compute | replay s |",
@@ -540,11 +563,15 @@ def main(argv=None):
                       "worlds": worlds, "weak_tokens_per_gpu": weak, "strong_seqs": strong, "quick": args.quick},
            "weak": rows["weak"], "strong": rows["strong"],
            "stops": {k: stops(rows[k]) for k in ("weak", "strong")}}
-    at_target = [r for r in rows["weak"] if r["runs"] and r["fits"] and r["world"] == max(worlds)
-                 and r["tokens_per_gpu"] == weak[0]]
-    if at_target:
-        best = max(at_target, key=lambda r: r["efficiency"])
-        doc["headline"] = {k: best[k] for k in ("model", "strategy", "efficiency", "total_s", "ideal_s", "memory_gib")}
+    doc["headline"] = []
+    for model in models:
+        at = sorted((r for r in rows["weak"] if r["model"] == model and r["runs"] and r["fits"]
+                     and r["world"] == max(worlds) and r["tokens_per_gpu"] == weak[0]), key=lambda r: -r["efficiency"])
+        if at:
+            doc["headline"].append({**{k: at[0][k] for k in ("model", "strategy", "efficiency", "total_s", "ideal_s",
+                                                               "memory_gib", "tokens_per_gpu", "seq", "world")},
+                                    "runner_up": at[1]["strategy"] if len(at) > 1 else "-",
+                                    "runner_up_efficiency": at[1]["efficiency"] if len(at) > 1 else 0.0})
     doc["replay_check"] = replay_check(models, checks, 4096)
     if os.path.exists(args.lengths):
         doc["adaptive"] = adaptive_rows(args.lengths, adaptive_worlds, 2 if args.quick else args.batches,
