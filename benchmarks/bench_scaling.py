@@ -534,15 +534,16 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=600, help="--measure: collective timeout, s")
     ap.add_argument("--json", default="", help="--measure: rank 0 writes its rows here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.measure and "RANK" not in os.environ:
+        ap.error("--measure runs under torchrun (or srun torchrun): torchrun --nproc-per-node G "
+                 "benchmarks/bench_scaling.py --measure ...")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.measure:
-        if "RANK" not in os.environ:
-            sys.exit("--measure runs under torchrun (or srun torchrun): torchrun --nproc-per-node G "
-                     "benchmarks/bench_scaling.py --measure ...")
         return measure(args)
     if args.quick:
         models, worlds, weak, strong = ["llama3-8b"], [8, 16, 32], [1024], [1 << 17]

@@ -134,3 +134,11 @@ def test_measure_mode_runs_under_torchrun_at_p2(tmp_path):
     for r in rows:
         assert r["measured_s"] > 0 and r["predicted_s"] > 0 and r["world"] == 2
     assert "measured beside predicted" in res.stdout
+
+
+def test_measure_outside_torchrun_is_one_clear_line():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"), "--measure"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--measure runs under torchrun" in res.stderr
