@@ -124,6 +124,7 @@ FREE_LINK = LinkProfile("free", 1e30, 0.0, alltoall_Bps=1e30, allgather_Bps=1e30
 LINK_PROFILES = {
     p.name: p for p in [
         LinkProfile("nvlink-h100", 370e9, 5e-6, 1.0, 330e9, "H100 SXM NVLink 4, ~82% of 450 GB/s nominal"),
+        LinkProfile("nvlink-a100", 245e9, 5e-6, 1.0, 218e9, "A100 SXM NVLink 3, ~82% of 300 GB/s nominal"),
         LinkProfile("pcie-gen4", 24e9, 10e-6, 0.8, 18e9, "PCIe Gen4 x16 P2P, ~75% of 32 GB/s; bidirectional 80%"),
         LinkProfile("pcie-gen5", 48e9, 10e-6, 0.8, 36e9, "PCIe Gen5 x16 P2P, ~75% of 64 GB/s; bidirectional 80%"),
         LinkProfile("ib-200", 23e9, 5e-6, 1.0, 20e9, "InfiniBand HDR 200 Gb/s, one NIC per GPU"),
