@@ -148,8 +148,9 @@ def summarize(results: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="requests per second")
-    ap.add_argument("--requests", type=int, default=30, help="requests per rate")
+    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0],
+                    help="requests per second (steps of sqrt(2): a 2x goodput ratio shows on the grid)")
+    ap.add_argument("--requests", type=int, default=40, help="requests per rate")
     ap.add_argument("--long-share", type=float, default=0.25)
     ap.add_argument("--long-len", type=int, default=2048, help="long prompt tokens (byte tokenizer: characters)")
     ap.add_argument("--short-len", type=int, default=64)
@@ -200,7 +201,7 @@ def main(argv=None):
         table[mode]["goodput_rps"] = max(good) if good else 0.0
 
     lines = [f"# bench_serve {datetime.date.today()}", "",
-             f"Machine: {platform.node()} {os.cpu_count()} cores, CPU only ({platform.processor() or 'unknown'}); "
+             f"Machine: {os.cpu_count()} cores, CPU only ({platform.machine()}); "
              f"tiny model, 3 ranks per mode (router + 2 workers); load average at the end "
              f"{os.getloadavg()[0]:.1f} (other jobs share the machine). Ratios only.", "",
              f"Mix: {args.long_share:.0%} long ({args.long_len} tokens), rest short ({args.short_len}); "
