@@ -550,7 +550,7 @@ def probe(threads: int = 1, repeats: int = 5) -> Fitted:
     torch.set_num_threads(threads)
     model = build_model("tiny", seed=0).eval()
     layout = KVLayout.of(model.config, 16, torch.float32)
-    cache = PagedKVCache(layout, 2048, "cpu")
+    cache = PagedKVCache(layout, 4096, "cpu")
     runner = Runner(model, cache)
 
     def median(fn):
@@ -580,7 +580,11 @@ def probe(threads: int = 1, repeats: int = 5) -> Fitted:
     decode = tuple(float(x) for x in np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)[0])
     link = LINK_PROFILES["gloo-loopback"]
     kv_row = 2 * layout.n_layers * layout.n_kv_heads * layout.head_dim * 4
+    from dist.config import ServeConfig
+
+    serve = ServeConfig()
     return Fitted(prefill, decode, link.latency_s, link.bandwidth_Bps, kv_row, layout.n_layers,
+                  kv_tokens=serve.num_blocks * serve.block_size,
                   source=f"probe: tiny model, Runner, {threads} torch thread(s), medians of {repeats}; "
                          f"KV link: dist.sim {link.name}")
 
