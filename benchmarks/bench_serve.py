@@ -4,7 +4,8 @@
     python benchmarks/bench_serve.py --rates 1 2 --requests 20
 
 Both modes run as torchrun jobs of the same shape (router + 2 workers: prefill + decode, or two
-colocated workers with chunked prefill), up at the same time and taking turns: warmed up, measured idle
+colocated workers with chunked prefill; serve.pin_cores gives each worker its own core, the router
+shares the second worker's), up at the same time and taking turns: warmed up, measured idle
 (one request at a time: a short prompt's TPOT, a long prompt's TTFT), then loaded with the same
 Poisson arrivals at each rate over the streaming API, colocated then disaggregated per rate. Per
 request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between chunks),
@@ -159,6 +160,7 @@ def main(argv=None):
     ap.add_argument("--slo-ttft", type=float, default=3.0, help="x idle long-prompt TTFT")
     ap.add_argument("--slo-tpot", type=float, default=2.0, help="x idle TPOT")
     ap.add_argument("--chunk-tokens", type=int, default=256, help="colocated chunked-prefill size")
+    ap.add_argument("--pin-cores", type=int, default=1, help="serve.pin_cores in both modes (1: a core a worker)")
     ap.add_argument("--out", default="bench_serve")
     args = ap.parse_args(argv)
 
@@ -167,7 +169,8 @@ def main(argv=None):
     servers = {}
     try:  # both jobs stay up (an idle one only polls) and take turns, so load from elsewhere hits both alike
         for mode in modes:
-            servers[mode] = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}"])
+            servers[mode] = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}",
+                                            f"serve.pin_cores={str(args.pin_cores).lower()}"])
         runs = {mode: {"rates": {}} for mode in modes}
         for mode in modes:
             idle(servers[mode][1], args)  # warm-up
@@ -212,7 +215,7 @@ def main(argv=None):
              f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine). Ratios only.", "",
              f"Mix: {args.long_share:.0%} long ({args.long_len} tokens), rest short ({args.short_len}); "
              f"{args.max_tokens} output tokens; {args.requests} requests per rate; colocated chunk "
-             f"{args.chunk_tokens} tokens.",
+             f"{args.chunk_tokens} tokens; serve.pin_cores = {bool(args.pin_cores)}.",
              f"SLO: TTFT <= {slo_ttft * 1e3:.0f} ms ({args.slo_ttft}x idle long TTFT), TPOT <= {slo_tpot * 1e3:.1f} ms "
              f"({args.slo_tpot}x idle TPOT), both from the slower mode's idle run.", "",
              "| mode | rate/s | attain | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | E2E p50/p99 s | "
