@@ -170,7 +170,7 @@ def main(argv=None):
     try:  # both jobs stay up (an idle one only polls) and take turns, so load from elsewhere hits both alike
         for mode in modes:
             servers[mode] = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}",
-                                            f"serve.pin_cores={str(args.pin_cores).lower()}"])
+                                            f"serve.pin_cores={'true' if args.pin_cores else 'false'}"])
         runs = {mode: {"rates": {}} for mode in modes}
         for mode in modes:
             idle(servers[mode][1], args)  # warm-up
