@@ -118,6 +118,7 @@ class ServeConfig:
     max_model_len: int = 0        # prompt + completion tokens per request; 0 = the model's max_seq_len
     request_timeout_s: float = 60.0  # a request not finished by then gets 503 / an error event
     seed: int = 0                 # seed of the tiny model's random weights (no model.path)
+    pin_cores: bool = False       # give every worker its own CPU cores (decode first); the router shares the last
 
 
 @dataclass

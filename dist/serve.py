@@ -96,6 +96,34 @@ def build_links(rt: Runtime, roles: Roles):
     return ctrl, to_decode, from_prefill, ring
 
 
+def core_plan(roles: Roles, available: list[int], node_ranks: range) -> dict[int, list[int]]:
+    """serve.pin_cores: the CPU cores of every rank on this node. Each worker gets its own share, decode
+    workers first (their step waits on the CPU every token), then the prefill ranks; the router and any
+    other rank take the cores left over, or share the last worker's. Fewer cores than workers: shares wrap."""
+    workers = list(dict.fromkeys(r for r in (*roles.decode, *roles.prefill) if r in node_ranks))
+    per = max(1, len(available) // max(1, len(workers)))
+    plan = {}
+    for i, r in enumerate(workers):
+        start = (i * per) % len(available)
+        plan[r] = available[start:start + per]
+    spare = (available[len(workers) * per:] or plan[workers[-1]]) if workers else available
+    return {r: plan.get(r, spare) for r in node_ranks}
+
+
+def pin_cores(roles: Roles) -> list[int]:
+    """Restrict this process (every thread it has so far, and so every later one) to its cores."""
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    first = rank - local
+    node = range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    cores = core_plan(roles, sorted(os.sched_getaffinity(0)), node)[rank]
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:
+            pass  # a thread that just ended
+    return cores
+
+
 def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, from_prefill, ring, device) -> Worker:
     """A worker with its cache, KV senders and receivers; raises ValueError on a KV layout mismatch."""
     prefills, decodes = roles.phases(rank)
@@ -124,7 +152,10 @@ def serve(cfg) -> None:
     # Receiver threads (KV, control, HTTP) wake on I/O while the worker loop computes; with the default 5 ms
     # switch interval each wake-up could wait that long for the interpreter lock.
     sys.setswitchinterval(0.0005)
+    cores = pin_cores(roles) if cfg.serve.pin_cores and hasattr(os, "sched_setaffinity") else None
     with Runtime.start(cfg) as rt:
+        if cores and not cfg.runtime.threads:
+            torch.set_num_threads(len(cores))
         model, tokenizer, name = load_model(cfg, rt.device)
         max_model_len = cfg.serve.max_model_len or model.config.max_seq_len
         if cfg.serve.num_blocks * cfg.serve.block_size < max_model_len:

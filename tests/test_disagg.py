@@ -42,6 +42,23 @@ def test_colocated_workers_do_both_phases():
     assert roles.phases(0) == (False, False)
 
 
+def test_core_plan_gives_each_worker_its_own_cores():
+    from dist.serve import core_plan
+
+    def roles(world, mode="disaggregated", **kw):
+        return Roles.from_config(ServeConfig(mode=mode, **kw), world)
+
+    # 2 cores, router + prefill + decode: decode alone on a core, the router beside the prefill worker
+    assert core_plan(roles(3), [0, 1], range(3)) == {2: [0], 1: [1], 0: [1]}
+    assert core_plan(roles(3, "colocated"), [0, 1], range(3)) == {2: [0], 1: [1], 0: [1]}
+    # 8 cores, 1 prefill + 2 decode: 2 cores a worker, the router on the 2 left over
+    plan = core_plan(roles(4, prefill_ranks=[1], decode_ranks=[2, 3]), list(range(8)), range(4))
+    assert plan == {2: [0, 1], 3: [2, 3], 1: [4, 5], 0: [6, 7]}
+    # more workers than cores: shares wrap; every rank gets cores that exist
+    plan = core_plan(roles(5), [0, 1], range(5))
+    assert all(plan[r] and set(plan[r]) <= {0, 1} for r in range(5))
+
+
 @pytest.mark.parametrize("prefill,decode,key", [([1], [], "serve.decode_ranks"), ([5], [2], "serve.prefill_ranks"),
                                                 ([1, 2], [2], "serve.decode_ranks"), ([1], [1], "serve.decode_ranks"),
                                                 ([1], [3], "serve.prefill_ranks")])

@@ -281,6 +281,18 @@ def test_decode_attention_torch(heads_q, heads_kv, num_splits):
     assert torch.all(out[2] == 0)
 
 
+def test_decode_attention_torch_mixed_lengths():
+    """A batch of short sequences beside long ones (run in length groups on CPU) equals the reference."""
+    from dist.kernels import decode_attention
+    from tests.test_kernels_reference import ref_decode
+
+    seq_lens = [3, 1500, 0, 40, 700, 2100, 9]
+    q, kc, vc, table, lens = _paged_cache(seq_lens, 4, 2, 16, 16, seed=5)
+    out = decode_attention(q, kc, vc, table, lens, backend="torch")
+    _close(out, ref_decode(q, kc, vc, table, lens), 2e-5)
+    assert torch.all(out[2] == 0)
+
+
 def test_decode_matches_prefill_attention():
     """Decode of the last token over a cache equals the last row of causal attention."""
     from dist.kernels import decode_attention

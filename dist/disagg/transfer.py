@@ -224,7 +224,7 @@ class KVReceiver:
                             self.generation)
             self.ch.send_tensor(torch.tensor([code]))
             return True
-        self.ch.send_tensor(torch.tensor([0]))
         seq.output, seq.sent, seq.blocks, seq.n_cached = [token], streamed, blocks, n_tokens
-        self.deliver(seq)
+        self.deliver(seq)  # the decode loop may take it up while the acknowledgement travels
+        self.ch.send_tensor(torch.tensor([0]))
         return True

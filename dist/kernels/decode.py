@@ -104,6 +104,19 @@ def _torch_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, splits, 
     return out, lse.permute(3, 0, 1, 2).reshape(splits, batch, heads_q)
 
 
+def _length_groups(lens: list[int], floor: int = 512) -> list[list[int]]:
+    """Batch indices in groups whose longest sequence is at most twice the others (or `floor` tokens).
+    The torch path pads every sequence of a call to the longest: one long context in a batch of short
+    ones would otherwise cost batch x the long one."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if groups and lens[groups[-1][0]] <= 2 * max(lens[i], floor):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, softmax_scale=None, num_splits=None,
                      backend="auto", check_values=True):
     """Flash-decoding over a paged KV cache.
@@ -128,6 +141,17 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, softmax_sca
     pages_per_split = max(1, math.ceil(math.ceil(max_len / block_size) / splits))
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype != torch.float64 and triton_available() else "torch"
+    if backend == "torch" and not q.is_cuda and q.shape[0] > 1:
+        groups = _length_groups(seq_lens.tolist())
+        if len(groups) > 1:  # each group padded to its own longest sequence, not the batch's
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            out = torch.empty(q.shape, dtype=acc, device=q.device)
+            for idx in groups:
+                sel = torch.tensor(idx, device=q.device)
+                out[sel] = decode_attention(q[sel], k_cache, v_cache, block_tables[sel], seq_lens[sel],
+                                            softmax_scale=scale, num_splits=num_splits, backend="torch",
+                                            check_values=False).to(acc)
+            return out.to(q.dtype)
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the 'triton' package (extra: triton)")
