@@ -178,9 +178,8 @@ class Device:
     source: str = ""
 
 
-NVLINK_A100 = LinkProfile("nvlink-a100", 240e9, 5e-6, 1.0, 220e9, "A100 SXM NVLink 3, ~80% of 300 GB/s per direction")
 DEVICES = {
-    "a100-80g": Device("a100-80g", 312e12, 2.039e12, 80, NVLINK_A100, LINK_PROFILES["ib-200"],
+    "a100-80g": Device("a100-80g", 312e12, 2.039e12, 80, LINK_PROFILES["nvlink-a100"], LINK_PROFILES["ib-200"],
                        source="NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s bf16 dense, 2039 GB/s HBM2e; "
                               "assumed 60% of peak in prefill, 80% of HBM bandwidth in decode"),
     "h100-80g": Device("h100-80g", 989e12, 3.35e12, 80, LINK_PROFILES["nvlink-h100"], LINK_PROFILES["ib-400"],
