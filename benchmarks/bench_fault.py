@@ -7,12 +7,18 @@ Parts:
 - step: a 112M-parameter Llama (vocab 32000, dim 768, 10 layers) on 2 CPU ranks (torchrun, gloo, torch
   AdamW engine), steps interleaved round by round in one run: snapshots off; snapshots every step
   (dist.fault); torch.distributed.checkpoint.async_save every step (the peer; each save waits for the
-  previous one, as its docs recommend). Median step time and spread per mode; overhead ratios vs off.
+  previous one, as its docs recommend). Median step time and spread per mode; overhead ratios vs off;
+  the CPU seconds the snapshot thread uses per snapshot. 256 tokens per rank.
+- steplong: the same at --seq-long (1024) tokens per rank: a snapshot costs the same, the step is longer.
 - codec: encode and rebuild GB/s of each code (dist.fault.codec) over a group of 4 x 64 MiB blobs,
   rebuilding as many members as the code survives. Data bytes per second.
 - recovery: a 2-rank torchrun job of the tiny config, rank 1 SIGKILLed after step 4: seconds from the kill
-  to the restarted workers' restore (torchrun restart + imports + rendezvous + model build), then the
-  restore's phases (scan of host memory with checksums, manifest all-gather, rebuild, load).
+  to the restored state, by phase: restart (torchrun), imports, rendezvous, build, then the restore's scan,
+  manifests, fetch, decode, load.
+- trials: --kill-trials torchrun jobs, a random rank SIGKILLed at a random step (after the step or mid-copy),
+  final parameters and AdamW state compared bit for bit with an uninterrupted run.
+- model8b: dist.fault.cost's modelled overhead of every-step snapshots for launch/llama3-8b-128k.toml on
+  H100s, every bandwidth stated.
 - survival: probability that every snapshot survives k random host failures out of N = 16, for each
   scheme (exact, over every set of k hosts).
 On CPU only the ratios mean anything; absolute times count only from a GPU.
@@ -64,8 +70,10 @@ def step_worker(args) -> None:
     ckdir = os.path.join(args.workdir, "dcp")
     pending = None
     times = {m: [] for m in args.modes}
-    step = 0
-    for rnd in range(args.rounds + 1):  # round 0 is warm-up
+    step, cpu0, snaps0 = 0, 0.0, 0
+    for rnd in range(args.rounds + 1):  # round 0 is warm-up (and the first touch of the snapshot buffers)
+        if rnd == 1:
+            cpu0, snaps0 = snaps.thread_cpu_s, snaps.version
         for mode in args.modes:
             for _ in range(args.steps):
                 dist.barrier()
@@ -91,12 +99,20 @@ def step_worker(args) -> None:
                 pending.result()
                 pending = None
     gathered = [None] * rt.world_size
-    dist.all_gather_object(gathered, times)
+    cpu = (snaps.thread_cpu_s - cpu0) / max(1, snaps.version - snaps0)
+    dist.all_gather_object(gathered, (times, cpu))
     if rt.rank == 0:
-        merged = {m: [max(t[m][i] for t in gathered) for i in range(len(times[m]))] for m in args.modes}
+        merged = {m: [max(t[m][i] for t, _ in gathered) for i in range(len(times[m]))] for m in args.modes}
         with open(args.out_json, "w") as f:
-            json.dump({"times": merged, "params": sum(p.numel() for p in model.parameters())}, f)
+            json.dump({"times": merged, "params": sum(p.numel() for p in model.parameters()),
+                       "snapshot_thread_cpu_s": max(c for _, c in gathered)}, f)
     rt.close()
+
+
+def run_step_long(args) -> dict:
+    """The step part with --seq-long tokens per rank: the snapshot's cost is per step, the step grows."""
+    return run_step(argparse.Namespace(**{**vars(args), "seq": args.seq_long, "rounds": args.rounds_long,
+                                          "steps": args.steps_long}))
 
 
 def run_step(args) -> dict:
@@ -115,7 +131,9 @@ def run_step(args) -> dict:
                 "overhead_vs_off": med[m] / med["off"] - 1} for m, t in data["times"].items()}
     ratio = rows["snapshot"]["overhead_vs_off"] / rows["dcp"]["overhead_vs_off"] \
         if rows["dcp"]["overhead_vs_off"] > 0 else None
-    return {"params": data["params"], "seq_per_rank": args.seq, "modes": rows, "snapshot_over_dcp_overhead": ratio}
+    return {"params": data["params"], "seq_per_rank": args.seq, "modes": rows, "snapshot_over_dcp_overhead": ratio,
+            "snapshot_thread_cpu_s": data["snapshot_thread_cpu_s"],
+            "snapshot_cpu_over_step": data["snapshot_thread_cpu_s"] / med["off"]}
 
 
 # ---------------------------------------------------------------- codecs
@@ -285,8 +303,7 @@ def run_survival(args) -> list[dict]:
 
 def markdown(res: dict) -> str:
     lines = [f"# bench_fault {res['date']}", "", f"Machine: {res['machine']}", ""]
-    if "step" in res:
-        s = res["step"]
+    for s in (res[p] for p in ("step", "steplong") if p in res):
         lines += [f"## Step time, {s['params'] / 1e6:.0f}M parameters, 2 CPU ranks, {s['seq_per_rank']} tokens/rank",
                   "", "| mode | median s | min | max | n | overhead vs off |", "|---|---|---|---|---|---|"]
         for mode, r in s["modes"].items():
@@ -294,7 +311,11 @@ def markdown(res: dict) -> str:
                          f"{100 * r['overhead_vs_off']:+.1f}% |")
         ratio = s["snapshot_over_dcp_overhead"]
         lines += ["", f"Snapshot overhead / DCP async_save overhead: {ratio:.3f}" if ratio is not None
-                  else "DCP async_save showed no overhead in this run", ""]
+                  else "DCP async_save showed no overhead in this run", "",
+                  f"CPU the snapshot thread uses per snapshot (copy, checksum, commit; slowest rank): "
+                  f"{s['snapshot_thread_cpu_s']:.3f} s = {100 * s['snapshot_cpu_over_step']:.1f}% of the median "
+                  "step without snapshots. Both cores run the two ranks' compute, so this CPU time is taken "
+                  "from the step.", ""]
     if "codec" in res:
         lines += ["## Codes (group of 4, data bytes per second)", "",
                   "| code | encode GB/s (min-max) | rebuild GB/s (min-max) | members rebuilt |", "|---|---|---|---|"]
@@ -354,10 +375,13 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="step,codec,recovery,trials,model8b,survival")
+    p.add_argument("--parts", default="step,steplong,codec,recovery,trials,model8b,survival")
     p.add_argument("--seq", type=int, default=256, help="tokens per rank per step (step part)")
     p.add_argument("--steps", type=int, default=3, help="steps per mode per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seq-long", type=int, default=1024, help="tokens per rank (steplong part)")
+    p.add_argument("--steps-long", type=int, default=2)
+    p.add_argument("--rounds-long", type=int, default=2)
     p.add_argument("--codec-mb", type=int, default=64)
     p.add_argument("--codec-repeats", type=int, default=5)
     p.add_argument("--recovery-trials", type=int, default=3)
@@ -365,6 +389,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="kill trials: random steps, ranks and phases")
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--merge", action="store_true", help="add these parts to the results already in --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
@@ -374,18 +399,24 @@ def main() -> None:
     if args.worker == "step":
         return step_worker(args)
     parts = args.parts.split(",")
+    load = f"load average {os.getloadavg()[0]:.1f} at the start of {'+'.join(parts)}"
     res = {"date": datetime.date.today().isoformat(),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                      f"load average {os.getloadavg()[0]:.1f} at start (shared machine)"}
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {load} "
+                      "(shared machine)"}
+    path = os.path.join(args.out, "bench_fault.json")
+    if args.merge and os.path.exists(path):  # parts recorded by several runs, e.g. timed ones apart
+        with open(path) as f:
+            old = json.load(f)
+        res = {**old, "date": res["date"], "machine": f"{old['machine']}; {load}"}
     with tempfile.TemporaryDirectory(prefix="bench-fault-") as work:
         args.workdir = work
         for part in parts:
             t0 = time.perf_counter()
-            res[part] = {"step": run_step, "codec": run_codec, "recovery": run_recovery, "trials": run_trials,
+            res[part] = {"step": run_step, "steplong": run_step_long, "codec": run_codec, "recovery": run_recovery, "trials": run_trials,
                          "survival": run_survival, "model8b": run_model8b}[part](args)
             print(f"{part}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_fault.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(res, f, indent=1)
     md = markdown(res)
     with open(os.path.join(args.out, f"bench_fault_{res['date']}.md"), "w") as f:

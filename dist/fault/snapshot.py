@@ -265,6 +265,7 @@ class Snapshots:
         self.copied.set()
         self.error: BaseException | None = None
         self.stream = torch.cuda.Stream(device=rt.device) if self.cuda else None
+        self.thread_cpu_s = 0.0   # CPU seconds the snapshot threads used, all snapshots together
         self.hung_manager: int | None = None  # pid of this host's manager when it stopped answering
         os.makedirs(self.dir, exist_ok=True)
         self._keep_manager()
@@ -332,6 +333,7 @@ class Snapshots:
     def _run(self, b, step, tree, rep_t, loc_t, event):
         with contextlib.suppress(OSError):  # lowest CPU priority: the trainer's threads come first
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        c0 = time.thread_time()
         try:
             nbytes = self._copy(b, step, tree, rep_t, loc_t, event)
         except BaseException as e:  # noqa: BLE001 - reported on the main thread
@@ -343,6 +345,7 @@ class Snapshots:
             self._encode_and_commit(b, step, nbytes)
         except BaseException as e:  # noqa: BLE001
             self.error = e
+        self.thread_cpu_s += time.thread_time() - c0
 
     def _copy(self, b, step, tree, rep_t, loc_t, event) -> int:
         rep_specs, rep_total = _layout(rep_t)
