@@ -322,9 +322,6 @@ def validate(cfg: Config) -> None:
     if f.lease_s <= 0 or f.manager_timeout_s <= 0:
         raise ConfigError(f"config keys 'fault.lease_s', 'fault.manager_timeout_s' must be > 0, got {f.lease_s!r}, "
                           f"{f.manager_timeout_s!r}")
-    if f.snapshot_every and cfg.train.engine == "fsdp":
-        raise ConfigError("config key 'fault.snapshot_every' needs train.engine = \"torch\" or \"deepspeed\": "
-                          "snapshots of FSDP shards are not written yet")
     least = {"none": 1, "xor": 2, "rs2": 3}[f.parity]
     if f.group_size < least:
         raise ConfigError(f"config key 'fault.group_size' must be >= {least} with fault.parity = {f.parity!r}, "

@@ -178,3 +178,41 @@ def test_hung_manager_is_reported_and_its_memory_not_loaded(tmp_path, job, strai
     for r in range(2):
         assert_same(resumed[r], straight)
     assert int(open(f"{folder}/manager.pid").read()) != hung
+
+
+def _train_fsdp(rank, world_size, overrides):
+    """This rank's shards: local pieces of the weights and of their AdamW state."""
+    from dist.train import train
+
+    out = train(load_config(None, overrides))
+    named, state = dict(out["model"].named_parameters()), out["optimizer"].state
+
+    def local(v):
+        return (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+
+    return ({n: local(p) for n, p in named.items()},
+            {n: {k: local(v) for k, v in state[p].items()} for n, p in named.items()}, out["start"])
+
+
+@pytest.mark.slow
+def test_fsdp_shards_resume_from_memory_bit_exact(tmp_path, job):
+    fsdp = ["train.engine=fsdp", "train.steps=5"]
+
+    def go(rid, extra, generation=0):
+        return run_ranks(_train_fsdp, 2, SMALL + [f"log.dir={tmp_path}/log"] + fsdp + extra, init_group=False,
+                         env={"TORCHELASTIC_RUN_ID": rid, "TORCHELASTIC_RESTART_COUNT": str(generation)},
+                         timeout_s=200)
+
+    ref = go(f"{job}-ref", [])
+    snap = ["fault.snapshot_every=1", "fault.kill_step=3", "fault.kill_rank=1"]
+    with pytest.raises(RuntimeError, match="multi-rank run failed"):
+        go(job, snap + ["runtime.timeout_s=20"])
+    resumed = go(job, snap, generation=1)
+    for r in range(2):
+        params, state, start = resumed[r]
+        assert start in (2, 3)
+        assert params.keys() == ref[r][0].keys() and state.keys() == ref[r][1].keys()
+        for n in params:
+            assert torch.equal(params[n], ref[r][0][n]), n
+            for k in state[n]:
+                assert torch.equal(state[n][k], ref[r][1][n][k]), (n, k)
