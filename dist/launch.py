@@ -93,9 +93,10 @@ def main(argv=None) -> int:
     except BaseException:
         # torchrun SIGTERMs the other workers as soon as one fails, then reads their error files; a worker
         # killed while @record writes its file leaves it half-written and the agent dies on it (torch 2.13,
-        # seen when a peer's SIGKILL makes this rank fail). Hold SIGTERM until the file is written and the
-        # process exits (torchrun follows with SIGKILL if it does not).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        # seen when a peer's SIGKILL makes this rank fail). Ignore SIGTERM (in every thread) until the file
+        # is written and the process exits (torchrun follows with SIGKILL if it does not).
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     return 0
 

@@ -48,7 +48,7 @@ def test_two_agents_restart_after_a_killed_rank_bit_exact(tmp_path):
                                         "log.level=info"])
     log = "\n".join(r.stderr for r in runs)
     assert all(r.returncode == 0 for r in runs), log[-4000:]
-    assert "exitcode: -9" in log, log[-4000:]            # the worker did die and the agents restarted
+    assert "fault injection: SIGKILL" in log, log[-4000:]  # the worker did die and the agents restarted
     assert "restored snapshot" in log, log[-4000:]       # from host memory, not from scratch
     assert_same_state(final_state(f"{tmp_path}/run/ck/step-6"), final_state(f"{tmp_path}/ref/ck/step-6"))
     assert not wait_gone(snap_dirs() - before), "shared memory left behind after the job ended"
