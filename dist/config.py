@@ -127,6 +127,7 @@ class FaultConfig:
     parity: str = "xor"           # erasure code across hosts: "xor" (1 loss per group) | "rs2" (2, zfec) | "none"
     group_size: int = 2           # hosts per parity group; must divide the number of hosts
     lease_s: float = 600.0        # a host's snapshot manager frees its memory after this long without a worker
+    manager_timeout_s: float = 10.0  # a manager silent this long is hung: its host's snapshots are not loaded
     kill_step: int = 0            # fault injection for tests: SIGKILL rank kill_rank after step N (0 = off) ...
     kill_rank: int = 0            # ... in the first generation of workers only (TORCHELASTIC_RESTART_COUNT 0)
     kill_phase: str = "step"      # "step" (after the step) | "copy" (mid snapshot copy) | "host" (+ its memory)
@@ -319,8 +320,9 @@ def validate(cfg: Config) -> None:
     f = cfg.fault
     if f.snapshot_every < 0 or f.kill_step < 0 or f.kill_rank < 0:
         raise ConfigError("config keys 'fault.snapshot_every', 'fault.kill_step', 'fault.kill_rank' must be >= 0")
-    if f.lease_s <= 0:
-        raise ConfigError(f"config key 'fault.lease_s' must be > 0, got {f.lease_s!r}")
+    if f.lease_s <= 0 or f.manager_timeout_s <= 0:
+        raise ConfigError(f"config keys 'fault.lease_s', 'fault.manager_timeout_s' must be > 0, got {f.lease_s!r}, "
+                          f"{f.manager_timeout_s!r}")
     least = {"none": 1, "xor": 2, "rs2": 3}[f.parity]
     if f.group_size < least:
         raise ConfigError(f"config key 'fault.group_size' must be >= {least} with fault.parity = {f.parity!r}, "

@@ -335,6 +335,7 @@ class FSDPEngine:
     """
 
     name = "fsdp"
+    replicated = False  # each rank holds its shard of the weights and of the AdamW state
 
     def __init__(self, cfg, model, rt):
         from torch.distributed.device_mesh import init_device_mesh
@@ -404,6 +405,32 @@ class FSDPEngine:
         _check_engine(path, state, self.name)
         if not os.path.isfile(os.path.join(path, "optimizer", ".metadata")):
             raise ValueError(f"checkpoint {path} is incomplete or corrupt: no optimizer/.metadata")
+
+    def optimizer_state(self) -> dict:
+        """This rank's shards, for in-memory snapshots: the local pieces of the weights and of their AdamW
+        state, by parameter name (live tensors)."""
+        from torch.distributed.tensor import DTensor
+
+        def local(v):
+            return v.to_local() if isinstance(v, DTensor) else v
+
+        named = dict(self.model.named_parameters())
+        return {"params": {n: p.to_local() for n, p in named.items()},
+                "state": {n: {k: local(v) for k, v in self.optimizer.state[p].items()}
+                          for n, p in named.items() if p in self.optimizer.state}}
+
+    @torch.no_grad()
+    def load_optimizer_state(self, sd: dict) -> None:
+        """The inverse of optimizer_state on the same world: shards copied in, AdamW state rebuilt on them."""
+        from torch.distributed.tensor import DTensor
+
+        for n, p in self.model.named_parameters():
+            p.to_local().copy_(sd["params"][n])
+            if n in sd["state"]:
+                self.optimizer.state[p] = {
+                    k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                          stride=p.stride()) if v.dim() else v.clone()
+                    for k, v in sd["state"][n].items()}
 
     def load_optimizer(self, path: str, rank: int, state: dict) -> None:
         import torch.distributed.checkpoint as dcp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -89,6 +90,14 @@ def main(argv=None) -> int:
             raise
         print(f"dist: error (rank {rank}): {e}", file=sys.stderr)
         return 2
+    except BaseException:
+        # torchrun SIGTERMs the other workers as soon as one fails, then reads their error files; a worker
+        # killed while @record writes its file leaves it half-written and the agent dies on it (torch 2.13,
+        # seen when a peer's SIGKILL makes this rank fail). Ignore SIGTERM (in every thread) until the file
+        # is written and the process exits (torchrun follows with SIGKILL if it does not).
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     return 0
 
 

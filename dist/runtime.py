@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -64,20 +66,63 @@ def restart_count() -> int:
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
 
 
-def restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """The rendezvous store for this generation of workers.
+def agree_generation(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> int:
+    """A number that every worker of this generation agrees on and no earlier generation used.
+
+    TORCHELASTIC_RESTART_COUNT is per agent: with several agents (`--nnodes`),
+    an agent that restarts only because another node failed keeps its count,
+    so it cannot name the generation. Generations run one after another (an
+    agent stops its workers before the next rendezvous completes), but a
+    worker may die at any point, so keys left by earlier generations are not
+    told apart by counting. Rank 0 takes the next number from a counter on the
+    raw store and hands it to each rank in reply to a nonce that rank has just
+    written: only the live rank 0 can answer a fresh nonce.
+    """
+    if world_size == 1:
+        return int(store.add("dist-gen/epoch", 1)) - 1
+    if rank:
+        nonce = uuid.uuid4().hex
+        store.set(f"dist-gen/hello/{rank}", nonce)
+        gen = int(store.get(f"dist-gen/reply/{nonce}"))  # waits up to the store's timeout
+        store.delete_key(f"dist-gen/reply/{nonce}")
+        store.set(f"dist-gen/ack{gen}/{rank}", b"1")
+        return gen
+    gen = int(store.add("dist-gen/epoch", 1)) - 1
+    pending, replied = set(range(1, world_size)), set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"dist-gen/ack{gen}/{r}"]):
+                pending.discard(r)
+            elif store.check([f"dist-gen/hello/{r}"]):
+                nonce = store.get(f"dist-gen/hello/{r}").decode()
+                if nonce not in replied:  # a stale nonce gets a reply nobody reads: harmless
+                    store.set(f"dist-gen/reply/{nonce}", str(gen).encode())
+                    replied.add(nonce)
+        if pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(pending)} did not join generation {gen} of the workers "
+                                   f"within runtime.timeout_s ({timeout.total_seconds():.0f} s)")
+            time.sleep(0.01)
+    return gen
+
+
+def restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
+    """The rendezvous store for this generation of workers, and the generation's number.
 
     torchrun's agent store keeps the previous generation's keys, so after a
     restart `init_process_group` on the default env:// store reads stale
     addresses and gloo fails with "connectFullMesh ... Connection refused"
-    (pytorch issue #167288, NCCL too). A prefix per restart generation keeps
-    each generation's keys apart. Under the elastic agent the agent hosts the
-    TCPStore (every worker is a client); elsewhere rank 0 hosts it.
+    (pytorch issue #167288, NCCL too). A prefix per generation (agreed by
+    every worker, `agree_generation`) keeps each generation's keys apart.
+    Under the elastic agent the agent hosts the TCPStore (every worker is a
+    client); elsewhere rank 0 hosts it.
     """
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                          is_master=(not agent and rank == 0), timeout=timeout)
-    return dist.PrefixStore(f"dist-attempt{restart_count()}", base)
+    gen = agree_generation(base, rank, world_size, timeout)
+    return dist.PrefixStore(f"dist-gen{gen}", base), gen
 
 
 class Runtime:
@@ -105,11 +150,13 @@ class Runtime:
         # what strategy "auto" charges a group: its link by where its ranks are (torchrun: LOCAL_WORLD_SIZE per node)
         sim.set_cluster(sim.default_cluster(self.device.type, self.local_world_size, intra_node_link, inter_node_link))
         self._owns_default_group = False
+        self.rendezvous_at = (time.time(), 0.0)  # wall times around the process group's rendezvous
+        self.generation = restart_count()  # under torchrun: the number every worker agreed on (see above)
         if not dist.is_initialized():
             if "MASTER_ADDR" in os.environ:
                 store = None  # env:// as torch does it, outside torchrun's restarts
                 if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-                    store = restart_safe_store(self.rank, self.world_size, self.timeout)
+                    store, self.generation = restart_safe_store(self.rank, self.world_size, self.timeout)
                 dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                         timeout=self.timeout, device_id=self.device if backend == "nccl" else None)
             else:  # plain `python -m dist.launch`: one rank, same code path
@@ -129,6 +176,7 @@ class Runtime:
             g = dist.new_group(self.mesh.dp_ranks(s), timeout=self.timeout)
             if s == self.sp_index:
                 self.dp_group = g
+        self.rendezvous_at = (self.rendezvous_at[0], time.time())
 
     @classmethod
     def start(cls, cfg) -> "Runtime":

@@ -51,10 +51,35 @@ def first_generation(job, parity, tmp):
     return snap
 
 
+def shm_bytes(folder):
+    """Bytes a host's snapshot folder holds in /dev/shm (pages written, not the files' nominal sizes)."""
+    return sum(os.stat(os.path.join(folder, f)).st_blocks * 512 for f in os.listdir(folder))
+
+
+def assert_memory_per_host(job, hosts, parity):
+    """Each host holds two buffers of its rank's shard and of its parity share, m / k of it (group of 3:
+    xor m = 1, k = 2; rs2 m = 2, k = 1). The shard by hand: the tiny model's fp32 weights and AdamW m, v,
+    a third each (state replicated, one slice per rank), plus up to 256 KiB a buffer for the RNG states,
+    the pickled layout and page rounding."""
+    import math
+
+    from dist.config import load_config
+    from dist.memory import model_config, param_shapes
+
+    n = sum(math.prod(s) for s in param_shapes(model_config(load_config(None, SMALL))))
+    m = {"xor": 1, "rs2": 2}[parity]
+    shard = 3 * 4 * n / 3
+    want = 2 * shard * (1 + m / (3 - m))
+    for h in hosts:
+        used = shm_bytes(f"/dev/shm/dist-snap-{job}-h{h}")
+        assert want <= used <= want + 2 * (1 + m / (3 - m)) * 256 * 1024, (h, used, want)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parity,extra_lost", [("xor", []), ("rs2", [2])])
 def test_lost_hosts_are_rebuilt_from_parity_bit_exact(tmp_path, job, straight3, parity, extra_lost):
     snap = first_generation(job, parity, tmp_path)
+    assert_memory_per_host(job, [0, 2], parity)
     for h in extra_lost:
         lose_host(job, h)
     resumed = run(job, snap, tmp_path, generation=1)

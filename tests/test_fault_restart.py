@@ -63,7 +63,7 @@ def test_kill_resumes_from_disk_checkpoint_bit_exact(tmp_path, straight):
     r = torchrun(tmp_path, "run", ["checkpoint.every=2", "checkpoint.resume=latest", "fault.kill_step=3",
                                    "fault.kill_rank=1"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "exitcode: -9" in r.stderr, r.stderr[-3000:]  # it did die (SIGKILL) and restart
+    assert "fault injection: SIGKILL" in r.stderr, r.stderr[-3000:]  # it did die (SIGKILL) and restart
     assert_same_state(final_state(f"{tmp_path}/run/ck/step-6"), straight)
 
 
@@ -88,7 +88,8 @@ def test_kill_resumes_from_memory_snapshot_bit_exact(tmp_path, straight, phase):
     r = torchrun(tmp_path, "run", ["fault.snapshot_every=1", "fault.kill_step=3", "fault.kill_rank=1",
                                    f"fault.kill_phase={phase}", "log.level=info"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "exitcode: -9" in r.stderr, r.stderr[-3000:]
+    # the rank did die; torchrun names whichever failure it dates first (the killed rank or its peer)
+    assert "fault injection: SIGKILL" in r.stderr, r.stderr[-3000:]
     step = 2 if phase == "copy" else 3  # kill after step 3: snapshot 3 may still be in flight, then 2
     assert re.search(rf"restored snapshot \d+ \(step {step}\)", r.stderr) or \
         (phase == "step" and "restored snapshot 2 (step 2)" in r.stderr), r.stderr[-3000:]
@@ -103,5 +104,5 @@ def test_restarts_exhausted_leave_no_shared_memory(tmp_path):
     r = torchrun(tmp_path, "run", ["fault.snapshot_every=1", "fault.kill_step=2", "fault.kill_rank=0"], restarts=0)
     # torchrun reports whichever worker it saw fail first: the killed rank (-9) or its peer, whose
     # collective failed when the rank vanished; either way the job failed with no restart left
-    assert r.returncode != 0 and ("exitcode: -9" in r.stderr or "exitcode: 1" in r.stderr), r.stderr[-3000:]
+    assert r.returncode != 0 and re.search(r"exitcode: (-9|-15|1)\b", r.stderr), r.stderr[-3000:]
     assert not wait_gone(snap_dirs() - before), "shared memory left behind after the job failed"

@@ -2,6 +2,7 @@
 belong to the job, or fails its checksum, is never loaded. Ranks are spawned gloo processes (no torchrun):
 the job id is TORCHELASTIC_RUN_ID, set per test."""
 
+import contextlib
 import glob
 import json
 import os
@@ -86,26 +87,20 @@ def test_killed_rank_resumes_from_memory_bit_exact(tmp_path, job, straight):
         assert_same(resumed[r], straight)
 
 
-def newest_buffer(job, rank):
-    heads = {}
-    for p in glob.glob(f"/dev/shm/dist-snap-{job}-h0/r{rank}.head*.json"):
-        heads[json.load(open(p))["version"]] = int(p[-6])
-    return heads[max(heads)], sorted(heads)
-
-
 def test_corrupted_snapshot_is_not_loaded_and_the_disk_checkpoint_is(tmp_path, job, straight):
-    """Snapshot 4 is committed (5 was in flight when rank 1 died); a flipped byte in rank 0's copy of it
-    leaves no snapshot every rank holds intact: the restart falls back to the disk checkpoint of step 3."""
+    """A flipped byte in each of rank 0's committed snapshots (4 and, if it committed before rank 1 died,
+    5) leaves no snapshot every rank holds intact: the restart falls back to the disk checkpoint of step 3."""
     snap = ["fault.snapshot_every=1", "fault.kill_step=5", "fault.kill_rank=1", f"checkpoint.dir={tmp_path}/ck",
             "checkpoint.every=3", "checkpoint.resume=latest"]
     killed(2, job, snap, tmp_path)
-    b, versions = newest_buffer(job, 0)
-    assert versions[-1] == 4
-    with open(f"/dev/shm/dist-snap-{job}-h0/r0.data{b}", "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 1]))
+    heads = glob.glob(f"/dev/shm/dist-snap-{job}-h0/r0.head*.json")
+    assert {json.load(open(p))["version"] for p in heads} & {4, 5}, "no committed snapshot in host memory"
+    for p in heads:
+        with open(p.replace(".json", "").replace(".head", ".data"), "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 1]))
     resumed = run(2, job, snap, tmp_path, generation=1)
     assert resumed[0][2] == 3
     for r in range(2):
@@ -157,3 +152,67 @@ def test_deepspeed_zero2_partitions_resume_from_memory_bit_exact(tmp_path, job):
         assert all(torch.equal(a, b) for a, b in zip(part, ref[r][1]))
         assert moments.keys() == ref[r][2].keys()
         assert all(torch.equal(moments[k], ref[r][2][k]) for k in moments)
+
+
+def test_hung_manager_is_reported_and_its_memory_not_loaded(tmp_path, job, straight, capfd):
+    """The manager stopped (SIGSTOP), its segments intact: after fault.manager_timeout_s without a beat the
+    restart reports it in one line, loads nothing from it (falls back to the disk checkpoint of step 3) and
+    replaces the manager."""
+    snap = ["fault.snapshot_every=1", "fault.kill_step=5", "fault.kill_rank=1", f"checkpoint.dir={tmp_path}/ck",
+            "checkpoint.every=3", "checkpoint.resume=latest", "fault.manager_timeout_s=2"]
+    killed(2, job, snap, tmp_path)
+    folder = f"/dev/shm/dist-snap-{job}-h0"
+    assert glob.glob(f"{folder}/r*.head*.json"), "no committed snapshot in host memory"
+    hung = int(open(f"{folder}/manager.pid").read())
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while time.time() - os.stat(f"{folder}/beat").st_mtime <= 2.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        resumed = run(2, job, snap + ["log.level=warning"], tmp_path, generation=1)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(hung, signal.SIGKILL)
+    assert capfd.readouterr().err.count("has not answered") == 1
+    assert resumed[0][2] == 3  # from the disk checkpoint, not from the hung manager's memory
+    for r in range(2):
+        assert_same(resumed[r], straight)
+    assert int(open(f"{folder}/manager.pid").read()) != hung
+
+
+def _train_fsdp(rank, world_size, overrides):
+    """This rank's shards: local pieces of the weights and of their AdamW state."""
+    from dist.train import train
+
+    out = train(load_config(None, overrides))
+    named, state = dict(out["model"].named_parameters()), out["optimizer"].state
+
+    def local(v):
+        return (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+
+    return ({n: local(p) for n, p in named.items()},
+            {n: {k: local(v) for k, v in state[p].items()} for n, p in named.items()}, out["start"])
+
+
+@pytest.mark.slow
+def test_fsdp_shards_resume_from_memory_bit_exact(tmp_path, job):
+    fsdp = ["train.engine=fsdp", "train.steps=5"]
+
+    def go(rid, extra, generation=0):
+        return run_ranks(_train_fsdp, 2, SMALL + [f"log.dir={tmp_path}/log"] + fsdp + extra, init_group=False,
+                         env={"TORCHELASTIC_RUN_ID": rid, "TORCHELASTIC_RESTART_COUNT": str(generation)},
+                         timeout_s=200)
+
+    ref = go(f"{job}-ref", [])
+    snap = ["fault.snapshot_every=1", "fault.kill_step=3", "fault.kill_rank=1"]
+    with pytest.raises(RuntimeError, match="multi-rank run failed"):
+        go(job, snap + ["runtime.timeout_s=20"])
+    resumed = go(job, snap, generation=1)
+    for r in range(2):
+        params, state, start = resumed[r]
+        assert start in (2, 3)
+        assert params.keys() == ref[r][0].keys() and state.keys() == ref[r][1].keys()
+        for n in params:
+            assert torch.equal(params[n], ref[r][0][n]), n
+            for k in state[n]:
+                assert torch.equal(state[n][k], ref[r][1][n][k]), (n, k)

@@ -13,6 +13,9 @@ keeps them until the job ends, then removes `dir`, so nothing is left in
   first worker's parent) is gone: success, restarts exhausted or a killed agent;
 - the lease lapsed: no worker touched `dir/lease` for `--lease` seconds;
 - SIGTERM or SIGINT.
+It touches `dir/beat` every poll; a manager whose beat is older than
+fault.manager_timeout_s is hung (stopped, swapped out, stuck in the kernel):
+the workers do not trust its memory and replace it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger("dist.fault")
 
 PID_FILE = "manager.pid"
 LEASE_FILE = "lease"
+BEAT_FILE = "beat"  # the manager touches it every poll: its age says whether the manager still answers
 
 
 def alive(pid: int) -> bool:
@@ -49,6 +53,14 @@ def manager_pid(folder: str) -> int | None:
     except (FileNotFoundError, ValueError):
         return None
     return pid if alive(pid) else None
+
+
+def silent_for(folder: str) -> float:
+    """Seconds since the manager of `folder` last showed it runs (inf when it never did)."""
+    try:
+        return max(0.0, time.time() - os.stat(os.path.join(folder, BEAT_FILE)).st_mtime)
+    except FileNotFoundError:
+        return float("inf")
 
 
 def renew_lease(folder: str) -> None:
@@ -87,12 +99,18 @@ def serve(folder: str, watch_pid: int, lease_s: float, poll_s: float = 0.2) -> s
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.append(signal.Signals(s).name))
     os.makedirs(folder, exist_ok=True)
+    beat = os.path.join(folder, BEAT_FILE)
+    open(beat, "w").close()  # before the pid file: a manager found running has beaten at least once
     tmp = os.path.join(folder, PID_FILE + ".tmp")
     with open(tmp, "w") as f:
         f.write(str(os.getpid()))
     os.replace(tmp, os.path.join(folder, PID_FILE))
     why = ""
     while not why:
+        try:
+            os.utime(beat)
+        except FileNotFoundError:
+            open(beat, "w").close()
         time.sleep(poll_s)
         try:
             idle = time.time() - os.stat(os.path.join(folder, LEASE_FILE)).st_mtime
