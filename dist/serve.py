@@ -31,7 +31,7 @@ from dist.disagg.roles import Roles
 from dist.disagg.runner import Runner
 from dist.disagg.transfer import KVReceiver, KVSender, handshake_recv, handshake_send
 from dist.disagg.worker import Worker
-from dist.runtime import Runtime, restart_count
+from dist.runtime import Runtime
 
 log = logging.getLogger("dist.serve")
 
@@ -124,11 +124,13 @@ def pin_cores(roles: Roles) -> list[int]:
     return cores
 
 
-def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, from_prefill, ring, device) -> Worker:
-    """A worker with its cache, KV senders and receivers; raises ValueError on a KV layout mismatch."""
+def make_worker(rank, roles, model, tokenizer, layout, cfg, ctrl, to_decode, from_prefill, ring, rt) -> Worker:
+    """A worker with its cache, KV senders and receivers; raises ValueError on a KV layout mismatch.
+    KV carries the workers' generation (rt.generation, agreed by every rank), so a restarted job
+    never uses a previous generation's KV."""
     prefills, decodes = roles.phases(rank)
-    cache = PagedKVCache(layout, cfg.serve.num_blocks, device)
-    generation = restart_count()
+    cache = PagedKVCache(layout, cfg.serve.num_blocks, rt.device)
+    generation = rt.generation
     for ch in to_decode.values():
         handshake_send(ch, layout)
     for ch in from_prefill.values():
@@ -166,12 +168,12 @@ def serve(cfg) -> None:
         ctrl, to_decode, from_prefill, ring = build_links(rt, roles)
         if rt.rank == roles.router:
             _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, ctrl, to_decode, from_prefill,
-                        rt.device)
+                        rt)
             return
         signal.signal(signal.SIGTERM, lambda *_: log.warning("SIGTERM: draining until the router stops us"))
         if rt.rank in roles.workers:
             make_worker(rt.rank, roles, model, tokenizer, layout, cfg, ctrl[roles.router], to_decode, from_prefill,
-                        ring, rt.device).run()
+                        ring, rt).run()
         else:  # a prefill group's follower: runs its leader's prompts with it
             Runner(model, PagedKVCache(layout, 1, rt.device), *ring).follow()
 
@@ -189,7 +191,7 @@ def _http_server(config):
 
 
 def _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, channels, to_decode, from_prefill,
-                device) -> None:
+                rt) -> None:
     import uvicorn
 
     from dist.disagg.api import Metrics, build_app
@@ -200,7 +202,7 @@ def _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, chann
         mine, theirs = LocalChannel.pair(cfg.runtime.timeout_s)
         channels = {**channels, roles.router: mine}
         worker = make_worker(roles.router, roles, model, tokenizer, layout, cfg, theirs, to_decode, from_prefill,
-                             None, device)
+                             None, rt)
         thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         thread.start()
     metrics = Metrics()
