@@ -190,9 +190,9 @@ COMPUTE_PROFILES = {
                                      "FlashAttention-2-class kernel on H100 SXM, bf16, long blocks; element-wise "
                                      "passes at ~60% of 3.35 TB/s HBM3", tile_q=KERNEL_TILES["cuda"][0],
                                      tile_k=KERNEL_TILES["cuda"][1], mem_Bps=2e12),
-        ComputeProfile("cpu-1-thread", 62e9, 59e9, "ATen CPU flash kernel, fp32, one thread of a 2-core AMD EPYC VM, "
-                       "both cores busy (benchmarks/results/bench_model-2026-12-06.md)", call_s=180e-6,
-                       basis="measured", tile_q=KERNEL_TILES["cpu"][0], tile_k=KERNEL_TILES["cpu"][1], mem_Bps=30e9),
+        ComputeProfile("cpu-1-thread", 60e9, 58e9, "ATen CPU flash kernel, fp32, one thread of a 2-core AMD EPYC VM, "
+                       "both cores busy (benchmarks/results/bench_model-2026-12-06.md, P = 2)", call_s=190e-6,
+                       basis="measured", tile_q=KERNEL_TILES["cpu"][0], tile_k=KERNEL_TILES["cpu"][1], mem_Bps=26e9),
     ]
 }
 
