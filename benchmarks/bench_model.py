@@ -1,18 +1,21 @@
 """Validation of the performance model (dist.sim), out of sample.
 
-1. Kernel timings, once, on one rank alone: attention forward and backward of blocks of several
-   shapes; a least-squares fit of `call_s + flops / rate` (forward and backward) gives a measured
-   ComputeProfile.
+1. Device probe, once per P, on P ranks at once (every rank of a torchrun job): attention forward
+   and backward of blocks of several sizes, causal and not, and the element-wise passes between
+   kernels (an in-place merge, a gradient sum, a copy), the slowest rank's time per call; a
+   least-squares fit of `call_s + flops / rate` over the flops the kernel computes (whole tiles of
+   causal blocks) and the median element-wise rate give a measured ComputeProfile
+   (`time_kernels`, `fit_compute`): what a rank gets while every rank computes.
 2. Link probe, once, over a 2-rank group: 64-byte exchange (latency), one-way send, both ways at
    once (duplex), all-to-all and all-gather (their rates), with messages unlike any strategy's.
 3. Predictions for configurations neither step used (every strategy, P = 2..4, several sequence
    lengths), written down before the runs; then each configuration runs (forward + backward, the
    slowest rank's time, median of --repeats) and the error per point is reported with the median
-   and worst |error| per link type and per P. No refitting per point.
+   and worst |error| per link type, per P and per strategy. No refitting per point.
 
-The one testbed effect applied: P single-threaded ranks on C < P cores compute at C/P of a core
-(`on_shared_cores`); everything else (the network stack's CPU time, caches shared by ranks) is
-left in the error, where it shows.
+Ranks that outnumber the machine's cores (the CPU testbed's P = 3, 4 on 2 cores) are probed as
+they run, P at once, so the profile is the capacity they get, measured, not a rule; what else
+sharing cores costs (the network stack's CPU time beside compute) is left in the error.
 
     python benchmarks/bench_model.py                      # loopback, spawns P = 2, 3, 4
     python benchmarks/bench_model.py --quick              # smoke test
@@ -32,7 +35,7 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,13 +44,14 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist import comm  # noqa: E402
-from dist.kernels import attention_backward, attention_forward  # noqa: E402
+from dist.kernels import attention_backward, attention_forward, merge_attention  # noqa: E402
 from dist.plan import SP_STRATEGIES, diag_tail  # noqa: E402
 from dist.ringattn import shard  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
-from dist.sim import ComputeProfile, LinkProfile, Workload, load_link_profiles, predict  # noqa: E402
+from dist.sim import KERNEL_TILES, ComputeProfile, LinkProfile, Workload, load_link_profiles, predict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SUMMARY_KEYS = ("link", "world", "strategy")  # the error summarised per link type, per P, per strategy
 
 
 def parse_args(argv=None):
@@ -62,7 +66,6 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--probe-bytes", type=int, default=8 << 20, help="message size of the link probe")
     ap.add_argument("--link-profile", help="JSON link profiles (dist.sim format): use the first instead of probing")
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU cores the ranks share")
     ap.add_argument("--label", default="", help="recorded with the results (e.g. the testbed setting)")
     ap.add_argument("--json", default=str(RESULTS / "bench_model.json"))
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, nothing written")
@@ -77,16 +80,13 @@ def parse_args(argv=None):
     return args
 
 
-def _best_time(fn, repeats: int) -> float:
-    """The fastest of `repeats` calls after a warm-up: the kernel's speed least disturbed by other
-    work on the machine."""
+def _per_call(fn, repeats: int) -> float:
+    """Seconds per call over `repeats` calls after a warm-up (every probing rank runs them at once)."""
     fn()
-    times = []
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return (time.perf_counter() - t0) / repeats
 
 
 def _fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -103,39 +103,63 @@ def _fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return 1.0 / slope, call_s
 
 
-def measure_compute(args, sizes=(128, 256, 512, 1024, 2048)) -> tuple[ComputeProfile, list[dict]]:
-    """Kernel timings of blocks (rows x rows, causal and not) on this rank alone, one thread; the fit."""
+def _together() -> None:
+    """Start the next timing with every probing rank (so all of them compute at once)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def time_kernels(args, sizes=(16, 64, 256, 512, 1024, 2048)) -> list[dict]:
+    """This rank's timings of attention blocks (rows x rows, causal and not, forward and backward)
+    and of the element-wise passes between them (an in-place merge of partial outputs, a gradient
+    sum, a copy), one thread. Every rank of the job probes at once, each timing starting together:
+    what a rank (a device, or a share of the cores) gets while every rank computes."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(1)
-    samples, rows = {"fwd": [], "bwd": []}, []
-    for n in (32, 64) if args.quick else sizes:
+    reps = max(1, args.repeats)
+    out = []
+    for n in (16, 64) if args.quick else sizes:
         q = torch.randn(1, n, args.heads, args.head_dim, generator=g)
         k, v = (torch.randn(1, n, args.kv_heads, args.head_dim, generator=g) for _ in range(2))
+        w = Workload(1, n, args.heads, args.kv_heads, args.head_dim, 1, True, "contiguous", 4)
         for causal in (False, True):
-            out, lse = attention_forward(q, k, v, causal=causal)
-            reps = max(1, args.repeats)
-            fwd = _best_time(lambda: attention_forward(q, k, v, causal=causal), reps)
-            bwd = _best_time(lambda: attention_backward(out, q, k, v, out, lse, causal=causal), reps)
-            w = Workload(1, n, args.heads, args.kv_heads, args.head_dim, 1, causal, "contiguous", 4)
-            flops = w.block_flops(0, 0)
-            samples["fwd"].append((flops, fwd))
-            samples["bwd"].append((2.5 * flops, bwd))
-            rows.append(dict(rows=n, causal=causal, flops=flops, fwd_s=fwd, bwd_s=bwd))
-    (fwd_rate, fwd_call), (bwd_rate, bwd_call) = _fit(samples["fwd"]), _fit(samples["bwd"])
-    profile = ComputeProfile("measured-kernels", fwd_rate, bwd_rate,
-                             f"fitted to {len(rows)} block timings (fwd and bwd) on {socket.gethostname()}, one thread",
-                             call_s=(fwd_call + bwd_call) / 2, basis="measured")
-    return profile, rows
+            o, lse = attention_forward(q, k, v, causal=causal)
+            _together()
+            fwd = _per_call(lambda: attention_forward(q, k, v, causal=causal), reps)
+            _together()
+            bwd = _per_call(lambda: attention_backward(o, q, k, v, o, lse, causal=causal), reps)
+            out.append(dict(kind="kernel", rows=n, causal=causal, flops=w.part_flops(0, 0, n, causal),
+                            fwd_s=fwd, bwd_s=bwd))
+        o, lse = attention_forward(q, k, v, causal=False)
+        b_o, b_lse = o.clone(), lse.clone()
+        for kind, fn, nbytes in (
+                ("merge", lambda: merge_attention(o, lse, b_o, b_lse, inplace=True), w.merge_bytes(n)),
+                ("sum", lambda: o.add_(b_o), w.sum_bytes(n, args.heads)),
+                ("copy", lambda: q.transpose(1, 2).contiguous(), w.copy_bytes(n, args.heads))):
+            _together()
+            out.append(dict(kind=kind, rows=n, bytes=nbytes, s=_per_call(fn, reps)))
+    return out
 
 
-def on_shared_cores(c: ComputeProfile, ranks: int, cores: int) -> ComputeProfile:
-    """The testbed's CPU effect: `ranks` single-threaded ranks on fewer `cores` each get cores/ranks of
-    a core while all compute (what a device per rank never sees)."""
-    k = max(1.0, ranks / cores)
-    if k == 1.0:
-        return c
-    return replace(c, fwd_flops=c.fwd_flops / k, bwd_flops=c.bwd_flops / k, call_s=c.call_s * k,
-                   source=f"{c.source}; {ranks} ranks on {cores} cores: x{k:g} time")
+def fit_compute(per_rank: list[list[dict]], args, device_type: str = "cpu") -> ComputeProfile:
+    """A measured ComputeProfile from every probing rank's `time_kernels` (the slowest rank per sample):
+    kernel rates and call_s by `_fit` over the flops the kernel computes (whole tiles of causal
+    blocks, the device's KERNEL_TILES), mem_Bps the median rate of the element-wise passes."""
+    tile_q, tile_k = KERNEL_TILES[device_type]
+    tiles = ComputeProfile("tiles", 1.0, 1.0, tile_q=tile_q, tile_k=tile_k)
+    rows = [dict(r, **{key: max(rank[i][key] for rank in per_rank)
+                       for key in ("fwd_s", "bwd_s", "s") if key in r})
+            for i, r in enumerate(per_rank[0])]
+    kernels = [r for r in rows if r["kind"] == "kernel"]
+    work = [tiles.kernel_flops(r["flops"], r["rows"], r["rows"], r["causal"]) for r in kernels]
+    (fwd_rate, fwd_call), (bwd_rate, bwd_call) = (
+        _fit([(f * factor, r[key]) for f, r in zip(work, kernels)]) for key, factor in (("fwd_s", 1.0), ("bwd_s", 2.5)))
+    mem_Bps = statistics.median(r["bytes"] / r["s"] for r in rows if r["kind"] != "kernel")
+    return ComputeProfile(
+        "measured-kernels", fwd_rate, bwd_rate,
+        f"probed: {len(kernels)} block timings each way and {len(rows) - len(kernels)} element-wise passes, one "
+        f"thread, {len(per_rank)} rank(s) at once; tiles {tile_q} x {tile_k}",
+        call_s=(fwd_call + bwd_call) / 2, basis="measured", tile_q=tile_q, tile_k=tile_k, mem_Bps=mem_Bps), rows
 
 
 def probe_link(nbytes: int, repeats: int, name: str) -> LinkProfile:
@@ -178,7 +202,7 @@ def probe_link(nbytes: int, repeats: int, name: str) -> LinkProfile:
     a2a = chunk.numel() * 4 * (world - 1) / world / max(t["alltoall"] - lat, 1e-9)
     ag = nbytes * (world - 1) / max(t["allgather"] - (world - 1) * lat, 1e-9)
     return LinkProfile(name, bw, lat, min(1.0, both / bw), a2a, f"probed by bench_model: {world} ranks, "
-                       f"{nbytes} B messages, {socket.gethostname()}", allgather_Bps=ag)
+                       f"{nbytes} B messages", allgather_Bps=ag)
 
 
 def run_configs(args, world: int) -> list[dict]:
@@ -220,8 +244,16 @@ def run_configs(args, world: int) -> list[dict]:
     return out
 
 
-def _probe(args) -> LinkProfile:
+def _probe(args, world) -> LinkProfile:
     return probe_link(args.probe_bytes, max(3, 2 * args.repeats), "gloo-loopback-probed")
+
+
+def _probe_kernels(args, world) -> list[list[dict]]:
+    """time_kernels on every rank of the job at once; every rank's timings (on rank 0)."""
+    mine = time_kernels(args)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def _worker(rank, world, port, task, args, out_path):
@@ -229,7 +261,7 @@ def _worker(rank, world, port, task, args, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
-        res = task(args) if task is _probe else task(args, world)
+        res = task(args, world)
         if rank == 0:
             torch.save(res, out_path)
         dist.barrier()
@@ -238,7 +270,7 @@ def _worker(rank, world, port, task, args, out_path):
 
 
 def _spawn(task, args, world):
-    """task(args) (or task(args, world)) on `world` fresh gloo ranks of this host; rank 0's result."""
+    """task(args, world) on `world` fresh gloo ranks of this host; rank 0's result."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -257,13 +289,14 @@ def _spawn(task, args, world):
         return torch.load(out, weights_only=False)
 
 
-def predict_rows(args, rows: list[dict], link: LinkProfile, compute: ComputeProfile) -> list[dict]:
-    """Each measured row with the model's prediction (error = predicted / measured - 1)."""
+def predict_rows(args, rows: list[dict], link: LinkProfile, computes: dict) -> list[dict]:
+    """Each measured row with the model's prediction (error = predicted / measured - 1); computes:
+    {P: the ComputeProfile probed with P ranks at once}."""
     for r in rows:
         p = r["world"]
         w = Workload(1, r["seq_len"] // p, args.heads, args.kv_heads, args.head_dim, p, True, "zigzag", 4,
                      diag_tail=diag_tail("cpu"))
-        pred = predict(r["strategy"], w, link, on_shared_cores(compute, p, args.cores))
+        pred = predict(r["strategy"], w, link, computes[p])
         r.update(predicted_s=pred.total_s, predicted_compute_s=pred.compute_s, link=link.name,
                  error=pred.total_s / r["measured_s"] - 1.0, error_vs_min=pred.total_s / r["min_s"] - 1.0)
     return rows
@@ -281,29 +314,46 @@ def summary(rows: list[dict], key: str, error: str = "error") -> list[dict]:
 
 
 def report(args, doc: dict) -> str:
+    link = doc["link"]
     lines = [f"# dist.sim out of sample, {doc['date'][:10]}", "",
              f"Machine: {doc['machine']}. {args.label}".rstrip(), "",
              f"Causal zigzag attention fwd+bwd, batch 1, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
              f"fp32, one thread per rank, {args.repeats} repeats after {args.warmup} warm-up; the slowest rank's "
-             f"time. Compute: {doc['compute']['source']} (fwd {doc['compute']['fwd_flops'] / 1e9:.1f}, "
-             f"bwd {doc['compute']['bwd_flops'] / 1e9:.1f} GFLOP/s, {doc['compute']['call_s'] * 1e6:.0f} us a call). "
-             f"Link: {doc['link']['name']}, {doc['link']['bandwidth_Bps'] / 1e9:.2f} GB/s, "
-             f"{doc['link']['latency_s'] * 1e6:.0f} us, duplex {doc['link']['duplex']:.2f}, all-to-all "
-             f"{(doc['link']['alltoall_Bps'] or 0) / 1e9:.2f} GB/s, all-gather "
-             f"{(doc['link']['allgather_Bps'] or 0) / 1e9:.2f} GB/s ({doc['link']['source']}).", "",
-             "error = predicted / median - 1; error vs best = predicted / fastest repeat - 1 (the run least "
-             "disturbed by other work on the machine; kernel timings are the fastest of their repeats too).", "",
-             "load: the machine's 1-minute load average when that P's runs ended (all jobs on it, "
-             "not only this benchmark's ranks).", "",
-             "| P | seq | strategy | median s | spread | best s | predicted s | error | error vs best | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"time. Link: {link['name']}, {link['bandwidth_Bps'] / 1e9:.2f} GB/s, "
+             f"{link['latency_s'] * 1e6:.0f} us, duplex {link['duplex']:.2f}, all-to-all "
+             f"{(link['alltoall_Bps'] or 0) / 1e9:.2f} GB/s, all-gather "
+             f"{(link['allgather_Bps'] or 0) / 1e9:.2f} GB/s ({link['source']}).", "",
+             "Compute, probed with P ranks at once (the slowest rank's time per call; rates on the tiles the "
+             "kernel computes):", "",
+             "| P | fwd GFLOP/s | bwd GFLOP/s | us a call | element-wise GB/s | source |", "|---|---|---|---|---|---|"]
+    for p, c in doc["compute"].items():
+        lines.append(f"| {p} | {c['fwd_flops'] / 1e9:.1f} | {c['bwd_flops'] / 1e9:.1f} | {c['call_s'] * 1e6:.0f} | "
+                     f"{c['mem_Bps'] / 1e9:.1f} | {c['source']} |")
+    p, c = next(iter(doc["compute"].items()))
+    lines += ["", f"Kernel probe at P = {p}: causal / full is the measured time of a causal block over the full "
+              "one, against the tiled count the model charges.", "",
+              "| rows | full fwd ms | full bwd ms | causal/full fwd | causal/full bwd | tiled model |",
+              "|---|---|---|---|---|---|"]
+    tiles = ComputeProfile("tiles", 1.0, 1.0, tile_q=c["tile_q"], tile_k=c["tile_k"])
+    kernels = {(r["rows"], r["causal"]): r for r in doc["kernel_timings"][p] if r["kind"] == "kernel"}
+    for n in sorted({n for n, _ in kernels}):
+        full, causal = kernels[(n, False)], kernels[(n, True)]
+        model = tiles.kernel_flops(causal["flops"], n, n, True) / full["flops"]
+        lines.append(f"| {n} | {1e3 * full['fwd_s']:.2f} | {1e3 * full['bwd_s']:.2f} | "
+                     f"{causal['fwd_s'] / full['fwd_s']:.2f} | {causal['bwd_s'] / full['bwd_s']:.2f} | {model:.2f} |")
+    lines += ["", "error = predicted / median - 1; error vs best = predicted / fastest repeat - 1 (the run least "
+              "disturbed by other work on the machine).", "",
+              "load: the machine's 1-minute load average when that P's runs ended (all jobs on it, "
+              "not only this benchmark's ranks).", "",
+              "| P | seq | strategy | median s | spread | best s | predicted s | error | error vs best | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         load = f"{r['load']:.1f}" if "load" in r else "-"
         lines.append(f"| {r['world']} | {r['seq_len']} | {r['strategy']} | {r['measured_s']:.3f} | "
                      f"{100 * r['spread']:.0f}% | {r['min_s']:.3f} | {r['predicted_s']:.3f} | "
                      f"{100 * r['error']:+.1f}% | {100 * r['error_vs_min']:+.1f}% | {load} |")
     for name, errors in doc["summary"].items():
-        for key in ("link", "world"):
+        for key in SUMMARY_KEYS:
             lines += ["", f"| {key} | points | median abs {name} | worst {name} | within 10% |",
                       "|---|---|---|---|---|"]
             for s in errors[key]:
@@ -320,9 +370,10 @@ def main(argv=None):
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
         try:
             rank = dist.get_rank()
-            compute, kernel_rows = measure_compute(args) if rank == 0 else (None, None)  # alone: others wait
-            dist.barrier()
-            link = loaded or _probe(args)
+            world = dist.get_world_size()
+            computes, kernel_rows = {}, {}
+            computes[world], kernel_rows[world] = fit_compute(_probe_kernels(args, world), args)  # every rank at once
+            link = loaded or _probe(args, dist.get_world_size())
             rows = run_configs(args, dist.get_world_size())
             dist.barrier()
         finally:
@@ -330,20 +381,20 @@ def main(argv=None):
         if rank != 0:
             return None
     else:
-        compute, kernel_rows = measure_compute(args)
         link = loaded or _spawn(_probe, args, 2)
-        rows = []
+        rows, computes, kernel_rows = [], {}, {}
         for world in (int(x) for x in args.worlds.split(",")):
+            computes[world], kernel_rows[world] = fit_compute(_spawn(_probe_kernels, args, world), args)  # P at once
             rows += [dict(r, load=os.getloadavg()[0]) for r in _spawn(run_configs, args, world)]
             print(f"P={world}: {len(rows)} points measured", flush=True)
-    print(f"compute: {compute}\nlink: {link}", flush=True)
-    predict_rows(args, rows, link, compute)
+    print(f"compute: {computes}\nlink: {link}", flush=True)
+    predict_rows(args, rows, link, computes)
     doc = dict(benchmark="bench_model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, load average "
                        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end ({load_start:.1f} at the start)",
-               label=args.label, args={k: v for k, v in vars(args).items() if k != "json"}, compute=asdict(compute), kernel_timings=kernel_rows,
-               link=asdict(link), rows=rows,
-               summary={name: {key: summary(rows, key, field) for key in ("link", "world")}
+               label=args.label, args={k: v for k, v in vars(args).items() if k != "json"},
+               compute={p: asdict(c) for p, c in computes.items()}, kernel_timings=kernel_rows, link=asdict(link), rows=rows,
+               summary={name: {key: summary(rows, key, field) for key in SUMMARY_KEYS}
                         for name, field in (("error", "error"), ("error vs best", "error_vs_min"))})
     md = report(args, doc)
     print(md)

@@ -3,7 +3,7 @@
 For every topology and link rate it builds a testbed of max(P) hosts x 1 rank (needs root),
 probes the link once (benchmarks/bench_links.py, the 2-rank profile), then runs
 benchmarks/bench_model.py under torchrun on the first P hosts for each P with that one profile
-(`--link-profile`): kernel timings on one rank, predictions, measurements, error per point. The
+(`--link-profile`): kernel timings on every rank at once, predictions, measurements, error per point. The
 report gives the median and worst error per link type; nothing is refitted per point.
 
   python benchmarks/bench_testbed_sweep.py --world-sizes 2,3,4 --rates 1gbit,200mbit --topologies switch
@@ -51,7 +51,7 @@ def run_point(args, tb, p: int, profile_path: str, link: str, workdir: str, port
     """bench_model.py on the first p hosts with the probed profile; its rows, or the error."""
     out_json = os.path.join(workdir, f"model_p{p}.json")
     argv = ["--seq-lens", args.seq_lens, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-            "--repeats", str(args.repeats), "--link-profile", profile_path, "--cores", str(os.cpu_count()),
+            "--repeats", str(args.repeats), "--link-profile", profile_path,
             "--label", f"{link} P={p}", "--json", out_json]
     results = tb.run([MODEL_BENCH, *argv], nproc_per_node=1, nnodes=p, timeout_s=args.timeout,
                      master_port=port, cwd=REPO, env={"PYTHONPATH": REPO})
@@ -93,7 +93,7 @@ def write_report(args, points: list[dict]) -> None:
         json.dump(doc, f, indent=1)
     lines = [f"# dist.sim on shaped links ({when})", "",
              f"Machine: {doc['machine']}. seq {args.seq_lens}, heads {args.heads}, d {args.head_dim}, causal "
-             "zigzag, 1 rank per host; link probed once (2 ranks), kernels timed once per run on one rank; "
+             "zigzag, 1 rank per host; link probed once (2 ranks), kernels timed once per run on every rank at once; "
              "error = predicted / measured - 1.", "",
              "| link | P | seq | strategy | measured ms | predicted ms | error |", "|---|---|---|---|---|---|---|"]
     for pt in points:

@@ -117,7 +117,7 @@ def test_ulysses_moves_qkv_in_one_all_to_all_at_the_one_rate():
     backward), each (P-1)/P of the rank's rows at the all-to-all rate plus one latency; the
     attention between them on 1/P of the heads over the whole sequence."""
     w = Workload(1, 1024, 8, 8, 64, 4, True, "zigzag", 4)
-    cpu = COMPUTE_PROFILES["cpu-1-thread"]
+    cpu = ComputeProfile("flops only", 43e9, 43e9)  # no call cost, tiles or element-wise passes
     link = LinkProfile("l", 1e8, 1e-4, 1.0, 1e7)
     row = 1024 * 8 * 64 * 4 * 3 / 4                 # one tensor's bytes leaving a rank
     colls = [(s.sent[0], s.messages[0]) for s in schedule("ulysses", w, False) if not s.overlapped]
@@ -138,8 +138,8 @@ def test_auto_considers_ulysses_where_heads_divide():
     assert choose_strategy((1, 4096, 32, 128), (1, 4096, 32, 128), 4, **mha) == "ulysses"
     assert choose_strategy((1, 4096, 32, 128), (1, 4096, 32, 128), 4, itemsize=2, link=link,
                            compute=H100) == "tokenring"  # ring strategies only (ring_attention's auto)
-    nvlink = dict(mha, link=LINK_PROFILES["nvlink-h100"])  # long sequences: TokenRing hides its messages
-    assert choose_strategy((1, 131072, 32, 128), (1, 131072, 32, 128), 4, **nvlink) == "tokenring"
+    # long sequences: TokenRing hides its messages behind compute, Ulysses' all-to-alls wait
+    assert choose_strategy((1, 131072, 32, 128), (1, 131072, 32, 128), 4, **mha) == "tokenring"
 
 
 def _auto_pick(rank, world):
@@ -236,19 +236,20 @@ def test_kernel_calls_pay_a_fixed_cost_each():
 
 def test_cluster_charges_the_link_by_where_the_ranks_are():
     """4 GPUs a node: ranks 0-3 share NVLink, ranks 2-5 span two nodes and ride InfiniBand; the "auto"
-    policy then sees the slower link (GQA 8 at 4K tokens per GPU: TokenRing on NVLink, where it
-    hides its messages, the KV ring on InfiniBand, where K/V are the fewer bytes)."""
+    policy then sees the slower link (MHA at 4K tokens per GPU: on NVLink every message hides and
+    the KV ring, with one diagonal kernel call, is the cheapest; on InfiniBand TokenRing, whose
+    messages both directions of the links carry)."""
     from dist.sim import Cluster, cluster, default_cluster, set_cluster
 
     c = Cluster(4, LINK_PROFILES["nvlink-h100"], LINK_PROFILES["ib-200"])
     assert c.link([0, 1, 2, 3]) is LINK_PROFILES["nvlink-h100"]
     assert c.link([2, 3, 4, 5]) is LINK_PROFILES["ib-200"] and c.nodes([2, 3, 4, 5]) == 2
     assert Cluster(None, c.intra, c.inter).link([0, 99]) is c.intra  # ranks per node unknown: one node
-    q, k = (1, 4096, 32, 128), (1, 4096, 4, 128)
+    q, k = (1, 4096, 32, 128), (1, 4096, 32, 128)
     ranks_in, ranks_across = [0, 1, 2, 3], [2, 3, 4, 5]
     expect_in = choose_strategy(q, k, 4, itemsize=2, device_type="cuda", link=LINK_PROFILES["nvlink-h100"])
     expect_across = choose_strategy(q, k, 4, itemsize=2, device_type="cuda", link=LINK_PROFILES["ib-200"])
-    assert (expect_in, expect_across) == ("tokenring", "ring")
+    assert (expect_in, expect_across) == ("ring", "tokenring")
     set_cluster(c)
     try:
         assert cluster("cuda") is c

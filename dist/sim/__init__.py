@@ -6,13 +6,13 @@
 
 from dist.plan import RING_STRATEGIES
 
-from .model import (COMPUTE_PROFILES, LINK_PROFILES, STRATEGIES, ComputeProfile, LinkProfile,
+from .model import (COMPUTE_PROFILES, KERNEL_TILES, LINK_PROFILES, STRATEGIES, ComputeProfile, LinkProfile,
                     Prediction, Workload, bytes_per_rank, default_compute, format_table,
                     link_profile, load_link_profiles, predict, schedule, where_each_wins)
 from .policy import choose_strategy
 from .topology import Cluster, cluster, default_cluster, set_cluster
 
-__all__ = ["LinkProfile", "ComputeProfile", "LINK_PROFILES", "COMPUTE_PROFILES", "STRATEGIES", "RING_STRATEGIES",
+__all__ = ["LinkProfile", "ComputeProfile", "LINK_PROFILES", "COMPUTE_PROFILES", "KERNEL_TILES", "STRATEGIES", "RING_STRATEGIES",
            "Workload", "Prediction", "predict", "schedule", "bytes_per_rank", "choose_strategy", "default_compute",
            "link_profile", "load_link_profiles", "where_each_wins", "format_table",
            "Cluster", "cluster", "default_cluster", "set_cluster"]

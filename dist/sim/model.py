@@ -6,20 +6,22 @@ Built for what the runtime asks (the "auto" strategy, the planner, scaling past 
   implementation runs (dist.plan: block, relay_start, diag_parts), so bytes and messages per step
   agree with what the code sends.
 - Compute: a kernel call of F forward flops takes `call_s + F / fwd_flops` (backward: 2.5 F at
-  bwd_flops). ComputeProfile.basis says where the rates come from: "measured" (fitted to kernel
-  timings on the device, benchmarks/bench_model.py) or "flops" (a peak at a stated efficiency).
+  bwd_flops), F counting the whole tiles a causal block computes (ComputeProfile.tile_q/tile_k);
+  between kernels, the schedule's element-wise passes (merges of partial outputs, gradient sums,
+  copies) move bytes at mem_Bps. ComputeProfile.basis says where the rates come from: "measured"
+  (probed on the device, benchmarks/bench_model.py) or "flops" (a peak at a stated efficiency).
 - Links: by where the group's ranks are (dist.sim.topology.Cluster: same node -> the intra-node
   profile, NVLink or PCIe; across nodes -> the inter-node one, InfiniBand or Ethernet).
 - Overlap per ring step: dist.sim.timeline replays the schedule on a per-rank timeline, messages
   as flows at max-min fair rates, compute beside them (a device per rank, DMA moves the bytes).
   All-gather and Ulysses do not overlap: their collectives wait for every rank.
 
-What a schedule adds beyond its kernels (merges, gradient sums, copies) is not modelled; the
-validation (benchmarks/README.md) reports what that misses, out of sample.
+The validation (benchmarks/README.md) reports how far this is from measured steps, out of sample.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -82,15 +84,45 @@ class LinkProfile:
 
 
 COMPUTE_BASES = ("measured", "flops")
+# (query rows, keys) per tile of dist.kernels' attention kernels by device type: ATen's CPU flash kernel
+# (256 x 512; 32 or 64 rows for short queries, which costs the same since they divide 512) and the
+# Triton forward on CUDA (bf16/fp16 128 x 64)
+KERNEL_TILES = {"cpu": (256, 512), "cuda": (128, 64)}
+
+
+@functools.lru_cache(maxsize=4096)
+def tiled_pairs(rows: int, cols: int, tile_q: int, tile_k: int) -> int:
+    """(query, key) pairs a tiled kernel computes for a top-left causal block of rows x cols: query
+    tile [m, m + tile_q) runs over every key tile up to the one holding key m + tile_q - 1 (masking
+    inside it), so it costs min(cols, ceil((m + tile_q) / tile_k) * tile_k) keys per row. Tiles of
+    1 x 1 give the exact causal count."""
+    total = 0
+    for m in range(0, rows, tile_q):
+        q = min(tile_q, rows - m)
+        total += q * min(cols, -(-(m + q) // tile_k) * tile_k)
+    return total
+
+
+def causal_pairs(rows: int, cols: int) -> int:
+    """Visible pairs of a top-left causal block (row i sees min(i + 1, cols) keys)."""
+    return rows * (rows + 1) // 2 if rows <= cols else cols * (cols + 1) // 2 + (rows - cols) * cols
 
 
 @dataclass(frozen=True)
 class ComputeProfile:
-    """Attention kernel time on one device (one rank): a kernel call of F forward flops takes
-    call_s + F / fwd_flops forward and call_s + 2.5 F / bwd_flops backward.
+    """Time of a schedule's work on one device (one rank).
 
-    basis: "measured" (rates and call_s fitted to kernel timings on the device) or "flops" (a peak
-    at a stated efficiency); source says which measurement or which peak and efficiency.
+    Kernels: a call of F forward flops takes call_s + F / fwd_flops forward and
+    call_s + 2.5 F / bwd_flops backward, where a causal block's F counts whole tiles of tile_q query
+    rows x tile_k keys (`tiled_pairs`: a kernel masks inside a tile and skips only tiles above the
+    diagonal, so a causal block no larger than a tile costs as much as a full one). Between kernels:
+    merges of partial outputs, gradient sums and copies, charged as the bytes they read and write at
+    mem_Bps (0: not charged).
+
+    basis: "measured" (rates, call_s and mem_Bps probed on the device) or "flops" (a peak at a stated
+    efficiency); source says which measurement or which peak and efficiency. The tiles are the
+    kernel's (ATen's CPU flash kernel: 256 x 512 (fewer rows for short queries, the same cost);
+    dist.kernels' Triton forward on H100: 128 x 64).
     """
 
     name: str
@@ -99,22 +131,40 @@ class ComputeProfile:
     source: str = ""
     call_s: float = 0.0
     basis: str = "flops"
+    tile_q: int = 1
+    tile_k: int = 1
+    mem_Bps: float = 0.0
 
     def __post_init__(self):
-        if self.fwd_flops <= 0 or self.bwd_flops <= 0 or self.call_s < 0:
-            raise ValueError(f"compute {self.name!r}: fwd_flops and bwd_flops must be > 0, call_s >= 0")
+        if self.fwd_flops <= 0 or self.bwd_flops <= 0 or self.call_s < 0 or self.mem_Bps < 0:
+            raise ValueError(f"compute {self.name!r}: fwd_flops and bwd_flops must be > 0, call_s and mem_Bps >= 0")
+        if self.tile_q < 1 or self.tile_k < 1:
+            raise ValueError(f"compute {self.name!r}: tile_q and tile_k must be >= 1")
         if self.basis not in COMPUTE_BASES:
             raise ValueError(f"compute {self.name!r}: basis must be one of {COMPUTE_BASES}, got {self.basis!r}")
 
     @classmethod
-    def at_efficiency(cls, name: str, peak_flops: float, fwd: float, bwd: float, source: str) -> "ComputeProfile":
+    def at_efficiency(cls, name: str, peak_flops: float, fwd: float, bwd: float, source: str, **kw) -> "ComputeProfile":
         """A device's attention kernels at fractions `fwd` / `bwd` of its peak flop/s."""
         return cls(name, peak_flops * fwd, peak_flops * bwd,
-                   f"{source}; {fwd:.0%} (fwd) / {bwd:.0%} (bwd) of {peak_flops / 1e12:g} TFLOP/s", basis="flops")
+                   f"{source}; {fwd:.0%} (fwd) / {bwd:.0%} (bwd) of {peak_flops / 1e12:g} TFLOP/s", basis="flops", **kw)
 
     def seconds(self, flops: float, kernels: int, backward: bool) -> float:
         """Time of `kernels` kernel calls that do `flops` flops in all (backward: flops already x 2.5)."""
         return kernels * self.call_s + flops / (self.bwd_flops if backward else self.fwd_flops)
+
+    def kernel_flops(self, flops: float, rows: int, cols: int, causal: bool) -> float:
+        """Flops a kernel call computes for a block of `flops` useful flops (tiles, see the class doc)."""
+        if not causal or self.tile_q * self.tile_k == 1 or not rows or not cols:
+            return flops
+        return flops * tiled_pairs(rows, cols, self.tile_q, self.tile_k) / causal_pairs(rows, cols)
+
+    def step_seconds(self, step: "Step", r: int, backward: bool) -> float:
+        """Rank r's compute in one step: its kernel calls (tiled) and its element-wise bytes."""
+        flops = sum(self.kernel_flops(*call) for call in step.calls[r])
+        flops += step.flops[r] - sum(call[0] for call in step.calls[r])  # calls given without a shape
+        moved = step.moved[r] / self.mem_Bps if self.mem_Bps else 0.0
+        return self.seconds(flops, step.kernels[r], backward) + moved
 
 
 FREE_LINK = LinkProfile("free", 1e30, 0.0, alltoall_Bps=1e30, allgather_Bps=1e30)  # messages cost nothing
@@ -138,9 +188,12 @@ LINK_PROFILES = {
 COMPUTE_PROFILES = {
     p.name: p for p in [
         ComputeProfile.at_efficiency("h100-bf16", 989e12, 0.35, 0.25,
-                                     "FlashAttention-2-class kernel on H100 SXM, bf16, long blocks"),
-        ComputeProfile("cpu-1-thread", 43e9, 43e9, "torch CPU flash kernel, fp32, one thread (NOTES: 1.396 s "
-                       "for s=4096, 8 heads, d=64 causal fwd+bwd)", basis="measured"),
+                                     "FlashAttention-2-class kernel on H100 SXM, bf16, long blocks; element-wise "
+                                     "passes at ~60% of 3.35 TB/s HBM3", tile_q=KERNEL_TILES["cuda"][0],
+                                     tile_k=KERNEL_TILES["cuda"][1], mem_Bps=2e12),
+        ComputeProfile("cpu-1-thread", 60e9, 58e9, "ATen CPU flash kernel, fp32, one thread of a 2-core AMD EPYC VM, "
+                       "both cores busy (benchmarks/results/bench_model-2026-12-06.md, P = 2)", call_s=190e-6,
+                       basis="measured", tile_q=KERNEL_TILES["cpu"][0], tile_k=KERNEL_TILES["cpu"][1], mem_Bps=26e9),
     ]
 }
 
@@ -210,26 +263,45 @@ class Workload:
 
     def block_flops(self, a: int, b: int) -> float:
         """Forward flops of block (queries of a, keys of b); backward is 2.5 x this."""
+        return self.block_call(a, b)[0]
+
+    def block_call(self, a: int, b: int) -> tuple:
+        """Block (queries of a, keys of b) as a kernel call (forward flops, rows, cols, causal)."""
         blk = block(a, b, self.local_seq, self.layout, self.causal)
         if blk is None:
-            return 0.0
-        return self.part_flops(blk.q_start, blk.k_start, blk.k_stop, blk.causal)
+            return (0.0, 0, 0, False)
+        return self.part_call(blk.q_start, blk.k_start, blk.k_stop, blk.causal)
 
     def part_flops(self, q_start: int, k_start: int, k_stop: int, causal: bool) -> float:
         """Forward flops of query rows [q_start, local_seq) with keys [k_start, k_stop), top-left causal
         when `causal` (row i sees min(i + 1, cols) keys: dist.plan.diag_parts)."""
+        return self.part_call(q_start, k_start, k_stop, causal)[0]
+
+    def part_call(self, q_start: int, k_start: int, k_stop: int, causal: bool) -> tuple:
+        """part_flops as a kernel call (forward flops, rows, cols, causal)."""
         rows, cols = self.local_seq - q_start, k_stop - k_start
-        if causal:
-            pairs = rows * (rows + 1) / 2 if rows <= cols else cols * (cols + 1) / 2 + (rows - cols) * cols
-        else:
-            pairs = rows * cols
-        return 4.0 * self.batch * self.heads_q * self.head_dim * pairs
+        pairs = causal_pairs(rows, cols) if causal else rows * cols
+        return (4.0 * self.batch * self.heads_q * self.head_dim * pairs, rows, cols, causal)
+
+    # Bytes of the element-wise passes between kernels (read + written), as dist.ringattn and
+    # dist.seqpar run them: an in-place merge makes two passes over the output rows (scale, then add the
+    # scaled block) plus a few over the row statistics; a gradient sum reads two and writes one.
+
+    def merge_bytes(self, rows: int) -> int:
+        return self.batch * rows * self.heads_q * (5 * self.head_dim + 10) * self.acc_itemsize
+
+    def sum_bytes(self, rows: int, heads: int) -> int:
+        return 3 * self.batch * rows * heads * self.head_dim * self.acc_itemsize
+
+    def copy_bytes(self, rows: int, heads: int) -> int:
+        return 2 * self.batch * rows * heads * self.head_dim * self.itemsize
 
 
 @dataclass
 class Step:
-    """One step of a schedule: per rank its forward-equivalent flops (x 2.5 backward), kernel calls,
-    bytes sent/received and messages; pairs: {(src, dst): bytes} of the point-to-point messages."""
+    """One step of a schedule: per rank its forward-equivalent flops (x 2.5 backward), kernel calls
+    (calls: (flops, rows, cols, causal) each), element-wise bytes (moved), bytes sent/received and
+    messages; pairs: {(src, dst): bytes} of the point-to-point messages."""
 
     flops: list = field(default_factory=list)
     sent: list = field(default_factory=list)
@@ -239,16 +311,29 @@ class Step:
     overlapped: bool = True  # False: a collective that neither overlaps nor is overlapped
     collective: str = "all_to_all"  # when not overlapped: "all_to_all", or "all_gather"
     kernels: list = field(default_factory=list)
+    calls: list = field(default_factory=list)
+    moved: list = field(default_factory=list)
 
     @classmethod
     def empty(cls, p: int) -> "Step":
-        return cls([0.0] * p, [0] * p, [0] * p, [0] * p, kernels=[0] * p)
+        return cls([0.0] * p, [0] * p, [0] * p, [0] * p, kernels=[0] * p, calls=[[] for _ in range(p)],
+                   moved=[0] * p)
 
     def compute(self, r: int, flops: float) -> None:
-        """Rank r runs one kernel call of `flops` (nothing when the block is empty)."""
+        """Rank r runs one kernel call of `flops`, shape unknown (nothing when the block is empty)."""
         if flops:
             self.flops[r] += flops
             self.kernels[r] += 1
+
+    def kernel(self, r: int, call: tuple, factor: float = 1.0) -> None:
+        """Rank r runs one kernel call (flops, rows, cols, causal: Workload.part_call), flops x factor."""
+        if call[0]:
+            self.compute(r, factor * call[0])
+            self.calls[r].append((factor * call[0], *call[1:]))
+
+    def move(self, r: int, nbytes: int) -> None:
+        """Rank r's element-wise passes (merges, gradient sums, copies) read and write `nbytes`."""
+        self.moved[r] += nbytes
 
     def send(self, src: int, dst: int, nbytes: int) -> None:
         if nbytes:
@@ -259,8 +344,11 @@ class Step:
 
 
 def _tokenring(w: Workload, backward: bool) -> list[Step]:
-    """Steps 0..p: the diagonal's first part, p-1 remote blocks, the last returns with the diagonal's rest."""
-    p, n = w.world, w.local_seq
+    """Steps 0..p: the diagonal's first part, p-1 remote blocks, the last returns with the diagonal's rest.
+    Element-wise: forward merges each returned partial (out, lse) into the rank's own; backward sums
+    dK/dV where K/V live and each returned dQ into the rank's own (the CPU path's stand-in for out
+    from D, a few passes over a holder's rows, is left out: GPU kernels take D itself)."""
+    p, n, hq, hkv = w.world, w.local_seq, w.heads_q, w.heads_kv
     travel = 2 * (w.q_row() + w.lse_row()) if backward else w.q_row()  # per query row: Q (and dO, lse, D)
     back = w.q_row() if backward else w.q_row() + w.lse_row()           # per row of a returned result
     factor = BWD_FLOPS if backward else 1.0
@@ -271,28 +359,45 @@ def _tokenring(w: Workload, backward: bool) -> list[Step]:
         for r in range(p):
             a = (r + t) % p
             if t == 0:
-                s.compute(r, factor * w.part_flops(*parts[0], w.causal))
+                s.kernel(r, w.part_call(*parts[0], w.causal), factor)
+                if backward:  # D = rowsum(dO * out); dK/dV of keys [0, m) start their sums
+                    s.move(r, w.sum_bytes(n, hq) + 2 * w.sum_bytes(parts[0][2], hkv))
             elif t < p:
-                s.compute(r, factor * w.block_flops(a, r))
+                call = w.block_call(a, r)
+                s.kernel(r, call, factor)
+                if backward and call[0]:  # dK/dV sums of its keys
+                    s.move(r, 2 * w.sum_bytes(call[2], hkv))
             elif len(parts) > 1:
-                s.compute(r, factor * w.part_flops(*parts[1], w.causal))
+                call = w.part_call(*parts[1], w.causal)
+                s.kernel(r, call, factor)
+                s.move(r, (w.sum_bytes(call[1], hq) + 2 * w.sum_bytes(call[2], hkv)) if backward
+                       else w.merge_bytes(call[1]))
             if t < p - 1:
                 s.send(r, (r - 1) % p, (n - relay_start(a, r, p, n, w.layout, w.causal)) * travel)
             if t >= 2:  # results of step t-1 go back to their owner
                 s.send(r, (r + t - 1) % p, (n - q_needed((r + t - 1) % p, r, n, w.layout, w.causal)) * back)
+                rows = n - q_needed(r, (r - t + 1) % p, n, w.layout, w.causal)  # ours, folded in
+                s.move(r, w.sum_bytes(rows, hq) if backward else w.merge_bytes(rows))
         steps.append(s)
     return steps
 
 
 def _ring(w: Workload, backward: bool) -> list[Step]:
-    p, n = w.world, w.local_seq
+    """Element-wise: forward merges each block's partial result (the first covers every row and is
+    taken over); backward sums each block's dQ, and dK/dV into the accumulator that arrived."""
+    p, n, hq, hkv = w.world, w.local_seq, w.heads_q, w.heads_kv
     factor = BWD_FLOPS if backward else 1.0
     dkv = n * w.kv_row() // w.itemsize * w.acc_itemsize
     steps = []
     for t in range(p):
         s = Step.empty(p)
         for r in range(p):
-            s.compute(r, factor * w.block_flops(r, (r - t) % p))
+            call = w.block_call(r, (r - t) % p)
+            s.kernel(r, call, factor)
+            if backward:
+                s.move(r, w.sum_bytes(call[1], hq) * (t > 0) + 2 * w.sum_bytes(n, hkv) * (t > 0))
+            elif t > 0:
+                s.move(r, w.merge_bytes(call[1]))
             if t < p - 1:
                 s.send(r, (r + 1) % p, n * w.kv_row())
             if backward and t >= 1:  # the dK/dV accumulator of the previous step
@@ -318,11 +423,22 @@ def _collective(p: int, nbytes: float, kind: str) -> Step:
 
 
 def _allgather(w: Workload, backward: bool) -> list[Step]:
-    p, n = w.world, w.local_seq
+    """Element-wise: forward merges each visible block's partial result; backward sums each block's
+    dQ and dK/dV, then the P dK/dV shares that come back."""
+    p, n, hq, hkv = w.world, w.local_seq, w.heads_q, w.heads_kv
     comp = Step.empty(p)
     for r in range(p):
+        first = True
         for b in range(p):  # one kernel call per visible block of the gathered K/V
-            comp.compute(r, (BWD_FLOPS if backward else 1.0) * w.block_flops(r, b))
+            call = w.block_call(r, b)
+            comp.kernel(r, call, BWD_FLOPS if backward else 1.0)
+            if call[0] and backward:
+                comp.move(r, w.sum_bytes(call[1], hq) * (not first) + 2 * w.sum_bytes(call[2], hkv))
+            elif call[0] and not first:
+                comp.move(r, w.merge_bytes(call[1]))
+            first = first and not call[0]
+        if backward:  # dK/dV of every block [P, n, 2 hkv, d]: zeroed first, summed over P at the end
+            comp.move(r, 2 * (2 * w.sum_bytes(p * n, hkv) // 3))
     if p == 1:
         return [comp]
     if not backward:
@@ -333,14 +449,20 @@ def _allgather(w: Workload, backward: bool) -> list[Step]:
 
 def _ulysses(w: Workload, backward: bool) -> list[Step]:
     """All-to-all (q, k, v packed in one call; backward: dO), attention on heads/p over the whole
-    sequence, all-to-all back (out; backward: dq, dk, dv packed in one call)."""
+    sequence, all-to-all back (out; backward: dq, dk, dv packed in one call). Element-wise: each
+    direction packs its tensors for the all-to-all, unpacks them and reorders the rows (zigzag to
+    sequence order and back), about three copies of each tensor that travels."""
     p, n = w.world, w.local_seq
     share = (p - 1) / p
     qkv, q = n * (w.q_row() + w.kv_row()) * share, n * w.q_row() * share
     comp = Step.empty(p)
     full = sum(w.block_flops(a, b) for a in range(p) for b in range(p)) / p
+    whole = (full, p * n, p * n, w.causal)  # one call: the whole sequence on heads / p
+    copies = 3 * (2 * w.copy_bytes(n, w.heads_q) + 2 * w.copy_bytes(n, w.heads_kv))  # q, out (dO, dq); k, v
     for r in range(p):
-        comp.compute(r, (BWD_FLOPS if backward else 1.0) * full)
+        comp.kernel(r, whole, BWD_FLOPS if backward else 1.0)
+        if p > 1:
+            comp.move(r, copies)
     if p == 1:
         return [comp]
     first, last = (q, qkv) if backward else (qkv, q)

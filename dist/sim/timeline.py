@@ -111,7 +111,7 @@ def replay(steps: list, link, compute, backward: bool) -> float:
                     advance_rank(q, end)
             return
         posted[r] = t
-        work[r] = compute.seconds(s.flops[r], s.kernels[r], backward)
+        work[r] = compute.step_seconds(s, r, backward)
         for (a, b), nbytes in s.pairs.items():
             other = b if r == a else a if r == b else None
             if other is not None and posted[other] is not None and step[other] == step[r]:
