@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dist.plan import relay_start
-from dist.sim import COMPUTE_PROFILES, LINK_PROFILES, STRATEGIES, LinkProfile, Workload
+from dist.sim import COMPUTE_PROFILES, LINK_PROFILES, STRATEGIES, ComputeProfile, LinkProfile, Workload
 from dist.sim.model import schedule
 from dist.sim.replay import fast_relay_start, from_steps, pass_time, phases, replay_phases
 from dist.sim.timeline import replay
@@ -37,15 +37,22 @@ def test_fast_relay_start_is_the_plans(layout, causal):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_phase_counts_are_the_schedules(strategy, layout):
-    """Per step and rank: flops, kernel calls, messages and (src, dst) bytes as model.schedule has them."""
+    """Per step and rank: flops, kernel calls, element-wise bytes, messages and (src, dst) bytes as
+    model.schedule has them, and compute time with tiles (ComputeProfile.step_seconds) on each profile."""
+    tiled = [ComputeProfile("t", 1e12, 2e12, call_s=1e-6, tile_q=32, tile_k=16, mem_Bps=1e11), H100, CPU]
     for p in (1, 2, 3, 5, 6):
         for backward in (False, True):
             w = Workload(1, 48, 8, 2, 16, p, True, layout, 2, diag_tail=0.25)
-            ref, got = from_steps(schedule(strategy, w, backward)), phases(strategy, w, backward)
+            steps = schedule(strategy, w, backward)
+            ref, got = from_steps(steps), phases(strategy, w, backward)
             assert len(ref) == len(got)
-            for a, b in zip(ref, got):
+            for s, a, b in zip(steps, ref, got):
                 np.testing.assert_allclose(b.flops, a.flops, rtol=1e-12)
                 np.testing.assert_array_equal(b.kernels, a.kernels)
+                np.testing.assert_allclose(b.moved, s.moved, rtol=1e-12)
+                for compute in tiled:
+                    want = [compute.step_seconds(s, r, backward) for r in range(p)]
+                    np.testing.assert_allclose(b.compute_s(compute, backward), want, rtol=1e-12)
                 assert a.overlapped == b.overlapped and a.collective == b.collective
                 if a.overlapped:
                     np.testing.assert_array_equal(b.messages, a.messages)

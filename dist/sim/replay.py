@@ -25,7 +25,7 @@ agree within the tolerance the tests state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,7 +40,9 @@ class Phase:
 
     flops, kernels: [P] per rank; src, dst, nbytes: [F] the step's messages (one per (src, dst) pair);
     messages: [P] messages each rank sends (latencies); overlapped False: a blocking collective whose
-    per-rank bytes are in sent/recv ([P])."""
+    per-rank bytes are in sent/recv ([P]); calls: [(call, counts [P])], the kernel calls by shape
+    (call = (flops, rows, cols, causal) as model.Step.calls, for the compute profile's tiles);
+    moved: [P] element-wise bytes (model.Step.moved)."""
 
     flops: np.ndarray
     kernels: np.ndarray
@@ -52,6 +54,18 @@ class Phase:
     collective: str = "all_to_all"
     sent: np.ndarray | None = None
     recv: np.ndarray | None = None
+    calls: list = field(default_factory=list)
+    moved: np.ndarray | None = None
+
+    def compute_s(self, compute: ComputeProfile, backward: bool) -> np.ndarray:
+        """[P] each rank's compute in this step: ComputeProfile.step_seconds, for all ranks at once."""
+        flops = self.flops.copy()
+        for call, counts in self.calls:  # whole tiles where the profile has them
+            flops += counts * (compute.kernel_flops(*call) - call[0])
+        out = self.kernels * compute.call_s + flops / (compute.bwd_flops if backward else compute.fwd_flops)
+        if compute.mem_Bps and self.moved is not None:
+            out = out + self.moved / compute.mem_Bps
+        return out
 
 
 def from_steps(steps: list[Step]) -> list[Phase]:
@@ -59,10 +73,14 @@ def from_steps(steps: list[Step]) -> list[Phase]:
     out = []
     for s in steps:
         pairs = sorted(s.pairs.items())
+        p = len(s.flops)
+        shapes = sorted({call for calls in s.calls for call in calls})
+        calls = [(c, np.array([rank_calls.count(c) for rank_calls in s.calls], float)) for c in shapes]
         out.append(Phase(np.array(s.flops, float), np.array(s.kernels, float),
                          np.array([a for (a, _), _ in pairs], int), np.array([b for (_, b), _ in pairs], int),
                          np.array([n for _, n in pairs], float), np.array(s.messages, float), s.overlapped,
-                         s.collective, np.array(s.sent, float), np.array(s.recv, float)))
+                         s.collective, np.array(s.sent, float), np.array(s.recv, float), calls,
+                         np.array(s.moved if s.moved else [0] * p, float)))
     return out
 
 
@@ -75,7 +93,27 @@ def _order_values(w: Workload) -> dict:
     probe = Workload(w.batch, n, w.heads_q, w.heads_kv, w.head_dim, max(2, w.world), c, lay, w.itemsize)
     return {"flops_lt": probe.block_flops(1, 0), "flops_gt": probe.block_flops(0, 1),
             "flops_diag": probe.block_flops(0, 0),
+            "call_lt": probe.block_call(1, 0), "call_gt": probe.block_call(0, 1), "call_diag": probe.block_call(0, 0),
             "qn_lt": q_needed(1, 0, n, lay, c), "qn_gt": q_needed(0, 1, n, lay, c)}
+
+
+def _scaled(call: tuple, factor: float) -> tuple:
+    return (factor * call[0], *call[1:])
+
+
+def _calls_by_order(a, b, o: dict, factor: float) -> list:
+    """Kernel calls of blocks (queries of a, keys of b) for arrays a, b: one class per order."""
+    out = []
+    for mask, call in ((a > b, o["call_lt"]), (a < b, o["call_gt"]), (a == b, o["call_diag"])):
+        if call[0] and mask.any():
+            out.append((_scaled(call, factor), mask.astype(float)))
+    return out
+
+
+def _call_values(a, b, o: dict, index: int):
+    """Per element of a, b: entry `index` of its block's call (1: rows, 2: cols), 0 for an empty block."""
+    pick = [(o[k][index] if o[k][0] else 0) for k in ("call_lt", "call_gt", "call_diag")]
+    return _by_order(a, b, *pick)
 
 
 def fast_relay_start(a, holder, world: int, w: Workload, order: dict | None = None):
@@ -94,9 +132,9 @@ def _by_order(a, b, lt, gt, diag):
     return np.where(a == b, diag, np.where(a > b, lt, gt))
 
 
-def _phase(p, flops, kernels, flows) -> Phase:
+def _phase(p, flops, kernels, flows, calls=(), moved=0.0) -> Phase:
     """flows: (src [P], dst [P], bytes [P]) groups; zero-byte messages are dropped and a rank's messages
-    to one peer in a step merge into one (as model.Step.send does)."""
+    to one peer in a step merge into one (as model.Step.send does). calls, moved: see Phase."""
     src = np.concatenate([f[0] for f in flows]) if flows else np.zeros(0, int)
     dst = np.concatenate([f[1] for f in flows]) if flows else np.zeros(0, int)
     nb = np.concatenate([np.broadcast_to(f[2], f[0].shape).astype(float) for f in flows]) if flows else np.zeros(0)
@@ -109,21 +147,23 @@ def _phase(p, flops, kernels, flows) -> Phase:
         if len(uniq) < len(key):
             nb = np.bincount(inv, weights=nb)
             src, dst = uniq // p, uniq % p
-    return Phase(flops.astype(float), kernels.astype(float), src, dst, nb, messages)
+    return Phase(flops.astype(float), kernels.astype(float), src, dst, nb, messages, calls=list(calls),
+                 moved=np.broadcast_to(np.asarray(moved, float), (p,)).copy())
 
 
-def _compute_only(p, flops, kernels) -> Phase:
-    return _phase(p, np.asarray(flops, float), np.asarray(kernels, float), [])
+def _compute_only(p, flops, kernels, calls=(), moved=0.0) -> Phase:
+    return _phase(p, np.asarray(flops, float), np.asarray(kernels, float), [], calls, moved)
 
 
 def _collective(p: int, nbytes: float, kind: str) -> Phase:
     z = np.zeros(p)
     return Phase(z, z, np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.full(p, p - 1.0 if kind == "all_gather"
-                 else 1.0), False, kind, np.full(p, float(int(nbytes))), np.full(p, float(int(nbytes))))
+                 else 1.0), False, kind, np.full(p, float(int(nbytes))), np.full(p, float(int(nbytes))),
+                 moved=np.zeros(p))
 
 
 def _tokenring(w: Workload, backward: bool) -> list[Phase]:
-    p, n = w.world, w.local_seq
+    p, n, hq, hkv = w.world, w.local_seq, w.heads_q, w.heads_kv
     o = _order_values(w)
     travel = 2 * (w.q_row() + w.lse_row()) if backward else w.q_row()
     back = w.q_row() if backward else w.q_row() + w.lse_row()
@@ -133,19 +173,34 @@ def _tokenring(w: Workload, backward: bool) -> list[Phase]:
     out = []
     for t in range(p + 1 if p > 1 else 1):
         a = (r + t) % p
+        calls, moved = [], np.zeros(p)
         if t == 0:
-            f = np.full(p, factor * w.part_flops(*parts[0], w.causal))
+            call = w.part_call(*parts[0], w.causal)
+            f = np.full(p, factor * call[0])
+            calls = [(_scaled(call, factor), np.ones(p))] if call[0] else []
+            if backward:
+                moved += w.sum_bytes(n, hq) + 2 * w.sum_bytes(parts[0][2], hkv)
         elif t < p:
             f = factor * _by_order(a, r, o["flops_lt"], o["flops_gt"], o["flops_diag"])
+            calls = _calls_by_order(a, r, o, factor)
+            if backward:
+                moved += 2 * w.sum_bytes(_call_values(a, r, o, 2), hkv)
         else:
-            f = np.full(p, factor * w.part_flops(*parts[1], w.causal) if len(parts) > 1 else 0.0)
+            call = w.part_call(*parts[1], w.causal) if len(parts) > 1 else (0.0, 0, 0, False)
+            f = np.full(p, factor * call[0])
+            calls = [(_scaled(call, factor), np.ones(p))] if call[0] else []
+            if len(parts) > 1:
+                moved += (w.sum_bytes(call[1], hq) + 2 * w.sum_bytes(call[2], hkv)) if backward \
+                    else w.merge_bytes(call[1])
         flows = []
         if t < p - 1:
             flows.append((r, (r - 1) % p, (n - fast_relay_start(a, r, p, w, o)) * travel))
         if t >= 2:
             owner = (r + t - 1) % p
             flows.append((r, owner, (n - _by_order(owner, r, o["qn_lt"], o["qn_gt"], 0)) * back))
-        out.append(_phase(p, f, (f > 0).astype(float), flows))
+            rows = n - _by_order(r, (r - t + 1) % p, o["qn_lt"], o["qn_gt"], 0)  # ours, folded in
+            moved += w.sum_bytes(rows, hq) if backward else w.merge_bytes(rows)
+        out.append(_phase(p, f, (f > 0).astype(float), flows, calls, moved))
     return out
 
 
@@ -157,13 +212,19 @@ def _ring(w: Workload, backward: bool) -> list[Phase]:
     r = np.arange(p)
     out = []
     for t in range(p):
-        f = factor * _by_order(r, (r - t) % p, o["flops_lt"], o["flops_gt"], o["flops_diag"])
+        b = (r - t) % p
+        f = factor * _by_order(r, b, o["flops_lt"], o["flops_gt"], o["flops_diag"])
+        rows = _call_values(r, b, o, 1)
+        if backward:
+            moved = (w.sum_bytes(rows, w.heads_q) + 2 * w.sum_bytes(n, w.heads_kv)) * (t > 0)
+        else:
+            moved = w.merge_bytes(rows) * (t > 0)
         flows = []
         if t < p - 1:
             flows.append((r, (r + 1) % p, n * w.kv_row()))
         if backward and t >= 1:
             flows.append((r, (r + 1) % p, dkv))
-        out.append(_phase(p, f, (f > 0).astype(float), flows))
+        out.append(_phase(p, f, (f > 0).astype(float), flows, _calls_by_order(r, b, o, factor), moved))
     if backward and p > 1:
         out.append(_phase(p, np.zeros(p), np.zeros(p), [(r, (r + 1) % p, dkv)]))
     return out
@@ -177,7 +238,21 @@ def _allgather(w: Workload, backward: bool) -> list[Phase]:
     below, above = r, p - 1 - r  # holders b < r (rank r is then the later owner) and b > r
     f = factor * (o["flops_diag"] + below * o["flops_lt"] + above * o["flops_gt"])
     k = (o["flops_diag"] > 0) + below * (o["flops_lt"] > 0) + above * (o["flops_gt"] > 0)
-    comp = _compute_only(p, f, k)
+    counts = {"call_lt": below, "call_gt": above, "call_diag": np.ones(p)}
+    calls = [(_scaled(o[c], factor), n_c) for c, n_c in counts.items() if o[c][0] and n_c.any()]
+    # element-wise: every visible block's dQ and dK/dV sums (forward: merges), less the first block's
+    # dQ sum (merge): the first block a rank sees (holder 0 upward) is taken over
+    hq, hkv = w.heads_q, w.heads_kv
+    per = {c: (w.sum_bytes(o[c][1], hq), 2 * w.sum_bytes(o[c][2], hkv)) if backward else (w.merge_bytes(o[c][1]), 0)
+           for c in counts}
+    moved = sum(counts[c] * (per[c][0] + per[c][1]) for c in counts if o[c][0])
+    first_lt = (below > 0) & bool(o["call_lt"][0])
+    first_diag = ~first_lt & bool(o["call_diag"][0])
+    first_gt = ~first_lt & ~first_diag & (above > 0) & bool(o["call_gt"][0])
+    moved = moved - first_lt * per["call_lt"][0] - first_diag * per["call_diag"][0] - first_gt * per["call_gt"][0]
+    if backward:
+        moved = moved + 2 * (2 * w.sum_bytes(p * n, hkv) // 3)
+    comp = _compute_only(p, f, k, calls, moved)
     if p == 1:
         return [comp]
     if not backward:
@@ -193,7 +268,10 @@ def _ulysses(w: Workload, backward: bool) -> list[Phase]:
     qkv, q = n * (w.q_row() + w.kv_row()) * share, n * w.q_row() * share
     pairs_lt = p * (p - 1) / 2  # ordered (a, b) pairs with a > b; as many with a < b
     full = (p * o["flops_diag"] + pairs_lt * (o["flops_lt"] + o["flops_gt"])) / p
-    comp = _compute_only(p, np.full(p, (BWD_FLOPS if backward else 1.0) * full), np.ones(p))
+    factor = BWD_FLOPS if backward else 1.0
+    copies = 3 * (2 * w.copy_bytes(n, w.heads_q) + 2 * w.copy_bytes(n, w.heads_kv)) if p > 1 else 0
+    comp = _compute_only(p, np.full(p, factor * full), np.ones(p),
+                         [((factor * full, p * n, p * n, w.causal), np.ones(p))], copies)
     if p == 1:
         return [comp]
     first, last = (q, qkv) if backward else (qkv, q)
@@ -287,7 +365,6 @@ def replay_phases(phs: list[Phase], link: LinkProfile, compute: ComputeProfile, 
     p = len(phs[0].flops)
     done = np.zeros(p)
     steps = []
-    rate = compute.bwd_flops if backward else compute.fwd_flops
     for ph in phs:
         before = done.max()
         if not ph.overlapped:
@@ -297,7 +374,7 @@ def replay_phases(phs: list[Phase], link: LinkProfile, compute: ComputeProfile, 
                 coll = max(link.alltoall_s(s, m) for s, m in set(zip(ph.sent.tolist(), ph.messages.tolist())))
             done = np.full(p, before + coll)
         else:
-            end = done + ph.kernels * compute.call_s + ph.flops / rate
+            end = done + ph.compute_s(compute, backward)
             if len(ph.src):
                 arrive = _flow_ends(ph, done, link)
                 np.maximum.at(end, ph.src, arrive)
