@@ -5,9 +5,9 @@
 
 Both modes run as torchrun jobs of the same shape (router + 2 workers: prefill + decode, or two
 colocated workers with chunked prefill; serve.pin_cores gives each worker its own core, the router
-shares the second worker's), up at the same time and taking turns: warmed up, measured idle
-(one request at a time: a short prompt's TPOT, a long prompt's TTFT), then loaded with the same
-Poisson arrivals at each rate over the streaming API, colocated then disaggregated per rate. Per
+shares the second worker's, and this client runs beside the router), one job at a time: warmed up,
+measured idle (one request at a time: a short prompt's TPOT, a long prompt's TTFT), then loaded with
+the same Poisson arrivals at each rate over the streaming API, then idle again. Per
 request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between chunks),
 TPOT ((E2E - TTFT) / (tokens - 1)), E2E. The SLO is relative to idle (TTFT <= slo_ttft x idle long
 TTFT, TPOT <= slo_tpot x idle TPOT, from the slower mode's idle figures, so both modes face the same
@@ -166,21 +166,20 @@ def main(argv=None):
 
     load_start = os.getloadavg()[0]
     modes = ("colocated", "disaggregated")
-    servers = {}
-    try:  # both jobs stay up (an idle one only polls) and take turns, so load from elsewhere hits both alike
-        for mode in modes:
-            servers[mode] = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}",
-                                            f"serve.pin_cores={'true' if args.pin_cores else 'false'}"])
-        runs = {mode: {"rates": {}} for mode in modes}
-        for mode in modes:
-            idle(servers[mode][1], args)  # warm-up
-        for mode in modes:
-            base = runs[mode]["idle"] = idle(servers[mode][1], args)
+    cores = sorted(os.sched_getaffinity(0))
+    runs = {mode: {"rates": {}} for mode in modes}
+    for mode in modes:  # one job at a time, so nothing of the other mode's job shares the cores
+        os.sched_setaffinity(0, cores)  # the job plans its cores from all of them
+        proc, url = start(mode, 3, [f"serve.chunk_tokens={args.chunk_tokens}",
+                                    f"serve.pin_cores={'true' if args.pin_cores else 'false'}"])
+        try:
+            if args.pin_cores:  # the client beside the router (on the last core), away from the decode worker
+                os.sched_setaffinity(0, cores[-1:])
+            idle(url, args)  # warm-up
+            base = runs[mode]["idle"] = idle(url, args)
             print(f"{mode}: idle TPOT {base['tpot'] * 1e3:.1f} ms, idle long TTFT {base['ttft_long'] * 1e3:.0f} ms",
                   flush=True)
-        for rate in args.rates:
-            for mode in modes:
-                url = servers[mode][1]
+            for rate in args.rates:
                 kv0, ttft0 = (metric_sum(url, f"dist_serve_{m}_sum") for m in ("kv_transfer_seconds", "ttft_seconds"))
                 results = asyncio.run(load(url, rate, args.requests, args.long_share, args.long_len, args.short_len,
                                            args.max_tokens, seed=int(rate * 1000)))
@@ -188,14 +187,13 @@ def main(argv=None):
                 share = (kv1 - kv0) / max(ttft1 - ttft0, 1e-9)
                 runs[mode]["rates"][rate] = {"results": results, "kv_share_of_ttft": share}
                 print(f"  {mode} rate {rate}: done", flush=True)
-        for mode in modes:  # idle again: a figure caught while the machine was busy elsewhere would set the bar
-            after = idle(servers[mode][1], args)
+            after = idle(url, args)  # idle again: a figure caught while the machine was busy elsewhere would set the bar
             runs[mode]["idle_before"] = runs[mode]["idle"]
             runs[mode]["idle"] = {k: min(v, after[k]) for k, v in runs[mode]["idle"].items()}
             print(f"{mode}: idle TPOT after the load {after['tpot'] * 1e3:.1f} ms", flush=True)
-    finally:
-        for proc, _ in servers.values():
+        finally:
             stop(proc)
+    os.sched_setaffinity(0, cores)
 
     # the bar from the slower mode's idle figures (each the better of its runs before and after the load)
     slo_ttft = args.slo_ttft * max(run["idle"]["ttft_long"] for run in runs.values())
