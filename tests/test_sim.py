@@ -145,20 +145,24 @@ def test_auto_considers_ulysses_where_heads_divide():
 def _auto_pick(rank, world):
     from dist.seqpar.wrap import _auto
 
+    every = ("tokenring", "ring", "allgather", "ulysses")
     q = torch.zeros(1, 64, 4, 8)
-    return _auto(q, torch.zeros(1, 64, 4, 8), True, None, "zigzag"), _auto(q, torch.zeros(1, 64, 1, 8), True, None,
-                                                                          "zigzag")
+    picks = (_auto(q, torch.zeros(1, 64, 4, 8), True, None, "zigzag"),
+             _auto(q, torch.zeros(1, 64, 1, 8), True, None, "zigzag"))
+    # the model's own picks in this rank's state (its cluster is set per process)
+    expected = (choose_strategy((1, 64, 4, 8), (1, 64, 4, 8), 2, itemsize=4, candidates=every),
+                choose_strategy((1, 64, 4, 8), (1, 64, 1, 8), 2, itemsize=4, candidates=every[:3]))
+    return picks, expected
 
 
 def test_sp_auto_never_picks_ulysses_when_kv_heads_do_not_divide():
     from tests.multirank import run_ranks
 
-    every = ("tokenring", "ring", "allgather", "ulysses")
-    expected = choose_strategy((1, 64, 4, 8), (1, 64, 4, 8), 2, itemsize=4, candidates=every)
-    ring_only = choose_strategy((1, 64, 4, 8), (1, 64, 1, 8), 2, itemsize=4, candidates=every[:3])
-    for picks in run_ranks(_auto_pick, 2, timeout_s=60):
-        assert picks[0] == expected  # the model's pick among all four, the same on every rank
-        assert picks[1] == ring_only  # 1 K/V head over 2 ranks: a ring strategy, never Ulysses
+    out = run_ranks(_auto_pick, 2, timeout_s=60)
+    assert out[0] == out[1]  # the same on every rank
+    for picks, (expected, ring_only) in out:
+        assert picks[0] == expected  # the model's pick among all four
+        assert picks[1] == ring_only != "ulysses"  # 1 K/V head over 2 ranks: a ring strategy
 
 
 def test_per_peer_links_carry_messages_to_different_peers_at_once():
