@@ -291,6 +291,7 @@ def _spawned(rank, world, args, port, out_path):
         res = run_world(args)
         if rank == 0:
             torch.save(res, out_path)
+        dist.barrier()  # nobody tears down the group while another rank still uses it
     finally:
         dist.destroy_process_group()
 
