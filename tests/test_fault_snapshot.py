@@ -126,16 +126,11 @@ def _train_ds(rank, world_size, overrides):
     return {k: v.detach().clone() for k, v in out["model"].state_dict().items()}, part, moments, out["start"]
 
 
-@pytest.mark.slow
-def test_deepspeed_zero2_partitions_resume_from_memory_bit_exact(tmp_path, job):
-    from dist.config import deepspeed_available
-
-    if not deepspeed_available():
-        pytest.skip("DeepSpeed is not installed")
-    ds = ["train.engine=deepspeed", "train.zero_stage=2", "train.steps=5"]
-
+def _uninterrupted_and_resumed(train_fn, engine: list, tmp_path, job):
+    """2 ranks of train_fn: an uninterrupted run, then one killed at step 3 (rank 1) with every-step
+    snapshots and its restarted generation. Returns (reference results, resumed results)."""
     def go(rid, extra, generation=0):
-        return run_ranks(_train_ds, 2, SMALL + [f"log.dir={tmp_path}/log"] + ds + extra, init_group=False,
+        return run_ranks(train_fn, 2, SMALL + [f"log.dir={tmp_path}/log"] + engine + extra, init_group=False,
                          env={"TORCHELASTIC_RUN_ID": rid, "TORCHELASTIC_RESTART_COUNT": str(generation)},
                          timeout_s=200)
 
@@ -143,7 +138,17 @@ def test_deepspeed_zero2_partitions_resume_from_memory_bit_exact(tmp_path, job):
     snap = ["fault.snapshot_every=1", "fault.kill_step=3", "fault.kill_rank=1"]
     with pytest.raises(RuntimeError, match="multi-rank run failed"):
         go(job, snap + ["runtime.timeout_s=20"])
-    resumed = go(job, snap, generation=1)
+    return ref, go(job, snap, generation=1)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_partitions_resume_from_memory_bit_exact(tmp_path, job):
+    from dist.config import deepspeed_available
+
+    if not deepspeed_available():
+        pytest.skip("DeepSpeed is not installed")
+    ref, resumed = _uninterrupted_and_resumed(_train_ds, ["train.engine=deepspeed", "train.zero_stage=2",
+                                                          "train.steps=5"], tmp_path, job)
     for r in range(2):
         params, part, moments, start = resumed[r]
         assert start in (2, 3)
@@ -196,18 +201,7 @@ def _train_fsdp(rank, world_size, overrides):
 
 @pytest.mark.slow
 def test_fsdp_shards_resume_from_memory_bit_exact(tmp_path, job):
-    fsdp = ["train.engine=fsdp", "train.steps=5"]
-
-    def go(rid, extra, generation=0):
-        return run_ranks(_train_fsdp, 2, SMALL + [f"log.dir={tmp_path}/log"] + fsdp + extra, init_group=False,
-                         env={"TORCHELASTIC_RUN_ID": rid, "TORCHELASTIC_RESTART_COUNT": str(generation)},
-                         timeout_s=200)
-
-    ref = go(f"{job}-ref", [])
-    snap = ["fault.snapshot_every=1", "fault.kill_step=3", "fault.kill_rank=1"]
-    with pytest.raises(RuntimeError, match="multi-rank run failed"):
-        go(job, snap + ["runtime.timeout_s=20"])
-    resumed = go(job, snap, generation=1)
+    ref, resumed = _uninterrupted_and_resumed(_train_fsdp, ["train.engine=fsdp", "train.steps=5"], tmp_path, job)
     for r in range(2):
         params, state, start = resumed[r]
         assert start in (2, 3)
