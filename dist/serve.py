@@ -151,6 +151,9 @@ def serve(cfg) -> None:
         raise ValueError(f"serve needs {missing}: pip install 'dist[serve]'")
     world = int(os.environ.get("WORLD_SIZE", 1))
     roles = Roles.from_config(cfg.serve, world)
+    # The router's port is bound first, before the model loads and the process group starts its threads:
+    # a port in use is then one clear error, and no socket the job opens later can take it.
+    sock = listen(cfg.serve.host, cfg.serve.port) if int(os.environ.get("RANK", 0)) == roles.router else None
     # Receiver threads (KV, control, HTTP) wake on I/O while the worker loop computes; with the default 5 ms
     # switch interval each wake-up could wait that long for the interpreter lock.
     sys.setswitchinterval(0.0005)
@@ -168,7 +171,7 @@ def serve(cfg) -> None:
         ctrl, to_decode, from_prefill, ring = build_links(rt, roles)
         if rt.rank == roles.router:
             _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, ctrl, to_decode, from_prefill,
-                        rt)
+                        rt, sock)
             return
         signal.signal(signal.SIGTERM, lambda *_: log.warning("SIGTERM: draining until the router stops us"))
         if rt.rank in roles.workers:
@@ -176,6 +179,20 @@ def serve(cfg) -> None:
                         ring, rt).run()
         else:  # a prefill group's follower: runs its leader's prompts with it
             Runner(model, PagedKVCache(layout, 1, rt.device), *ring).follow()
+
+
+def listen(host: str, port: int):
+    """A socket bound to host:port with SO_REUSEADDR (a restarted job takes its port back at once)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"config key 'serve.port': cannot listen on {host}:{port} ({e.strerror})") from None
+    return sock
 
 
 def _http_server(config):
@@ -191,7 +208,7 @@ def _http_server(config):
 
 
 def _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, channels, to_decode, from_prefill,
-                rt) -> None:
+                rt, sock) -> None:
     import uvicorn
 
     from dist.disagg.api import Metrics, build_app
@@ -218,11 +235,9 @@ def _run_router(cfg, roles, model, tokenizer, name, layout, max_model_len, chann
         router.start(loop)
         log.info("serving %s on http://%s:%d (%s: prefill %s, decode %s)", name, cfg.serve.host, cfg.serve.port,
                  roles.mode, list(roles.prefill), list(roles.decode))
-        await server.serve()  # returns after SIGTERM / SIGINT once open requests drained
+        await server.serve(sockets=[sock])  # returns after SIGTERM / SIGINT once open requests drained
         await asyncio.to_thread(router.stop)
 
     asyncio.run(main())
     if thread is not None:
         thread.join(timeout=10)
-    if not server.started:
-        raise ValueError(f"config key 'serve.port': could not listen on {cfg.serve.host}:{cfg.serve.port}")

@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,17 +26,23 @@ class Server:
     """A torchrun job serving on 127.0.0.1:port; stopped (SIGTERM, then SIGKILL of its process group) on close."""
 
     def __init__(self, nproc=3, *overrides, max_restarts=0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "dist.launch", "serve",
-               "--set", f"serve.port={self.port}", "--set", "serve.request_timeout_s=120",
-               "--set", "runtime.timeout_s=60", *[a for o in overrides for a in ("--set", o)]]
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve-{self.port}.log"), "w+")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
-                                     start_new_session=True)
-        self.wait_healthy()
+        for attempt in range(3):  # free_port's port may be taken by another socket before the job binds it
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "dist.launch", "serve",
+                   "--set", f"serve.port={self.port}", "--set", "serve.request_timeout_s=120",
+                   "--set", "runtime.timeout_s=60", *[a for o in overrides for a in ("--set", o)]]
+            self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve-{self.port}.log"), "w+")
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                                         start_new_session=True)
+            try:
+                return self.wait_healthy()
+            except RuntimeError:
+                if attempt == 2 or "cannot listen on" not in self.output():
+                    raise
+                self.close()
 
     def wait_healthy(self, timeout_s=120):
         deadline = time.monotonic() + timeout_s
@@ -53,7 +60,7 @@ class Server:
     def output(self) -> str:
         self.log.flush()
         self.log.seek(0)
-        return self.log.read()[-5000:]
+        return self.log.read()[-20000:]
 
     def close(self, timeout_s=60) -> int | None:
         if self.proc.poll() is None:
@@ -266,11 +273,15 @@ def test_killed_decode_worker_ends_the_stream_and_the_job_comes_back(reference):
 @pytest.mark.parametrize("overrides,needle", [
     (["serve.prefill_ranks=[5]", "serve.decode_ranks=[0]"], "serve.prefill_ranks"),
     (["model.path={empty}"], "config.json"),
+    (["serve.port={taken}"], "cannot listen on 127.0.0.1"),
 ])
 def test_bad_serve_config_is_one_line_and_exit_2(tmp_path, overrides, needle):
-    args = [a for o in overrides for a in ("--set", o.format(empty=tmp_path))]
-    r = subprocess.run([sys.executable, "-m", "dist.launch", "serve", "--set", f"serve.port={free_port()}", *args],
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
+    taken = socket.create_server(("127.0.0.1", 0))  # a port someone else listens on
+    args = [a for o in overrides for a in ("--set", o.format(empty=tmp_path, taken=taken.getsockname()[1]))]
+    with taken:
+        r = subprocess.run([sys.executable, "-m", "dist.launch", "serve", "--set", f"serve.port={free_port()}",
+                            *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                           text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("dist: error")]
     assert len(lines) == 1 and needle in lines[0], r.stderr
