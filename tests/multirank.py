@@ -38,6 +38,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class HostReads:
+    """Counts .tolist() / .item() calls made from Python while active: each one is a host sync per call on
+    a GPU (the profiler shows .item() on CPU tensors but not .tolist())."""
+
+    def __enter__(self):
+        import torch
+
+        self.calls, self._saved = [], (torch.Tensor.tolist, torch.Tensor.item)
+
+        def counted(real):
+            def read(t, *args):
+                self.calls.append((real.__name__, tuple(t.shape)))
+                return real(t, *args)
+            return read
+
+        torch.Tensor.tolist, torch.Tensor.item = (counted(f) for f in self._saved)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.Tensor.tolist, torch.Tensor.item = self._saved
+
+
 def _child(fn, rank, world_size, args, store_path, env, init_group, collective_timeout_s, results):
     os.environ.update(env)
     try:

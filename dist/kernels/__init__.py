@@ -7,7 +7,8 @@ Shapes: q [batch, seq_q, heads_q, dim]; k, v [batch, seq_k, heads_kv, dim]; lse 
 See dist/kernels/README.md.
 """
 
-from .attention import attention, attention_backward, attention_delta, attention_forward, triton_available
+from .attention import (attention, attention_backward, attention_delta, attention_forward, cu_seqlens,
+                        triton_available)
 from .decode import decode_attention
 from .merge import merge_attention, merge_attention_splits
 
@@ -16,6 +17,7 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "attention_delta",
+    "cu_seqlens",
     "merge_attention",
     "decode_attention",
     "merge_attention_splits",

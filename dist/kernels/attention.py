@@ -22,7 +22,9 @@ Backends ("auto" | "torch" | "math" | "triton"):
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 
@@ -60,12 +62,35 @@ def _check_qkv(q, k, v):
         raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads ({k.shape[2]})")
 
 
+_CU_VALUES: dict = {}  # id(cu_seqlens) -> (weak reference, its values as a list)
+
+
+def _remember(cu: torch.Tensor, vals: list) -> None:
+    key = id(cu)
+    _CU_VALUES[key] = (weakref.ref(cu, lambda _: _CU_VALUES.pop(key, None)), vals)
+
+
+def cu_seqlens(lengths, device=None) -> torch.Tensor:
+    """cu_seqlens (int32 [n + 1], cumulative) for documents of these lengths. The kernels know its values
+    without reading them back from the device, which on a GPU is a host sync per call. A tensor made
+    otherwise is read once, at its first call; neither may be modified in place afterwards."""
+    vals = [0, *itertools.accumulate(int(n) for n in lengths)]
+    cu = torch.tensor(vals, dtype=torch.int32, device=device)
+    _remember(cu, vals)
+    return cu
+
+
 def _check_cu(name, cu, seq, batch):
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 2:
         raise ValueError(f"{name} must be a 1-D int32 tensor [n_docs + 1]")
     if batch != 1:
         raise ValueError(f"{name} needs packed input with batch == 1, got batch {batch}")
-    vals = cu.tolist()
+    known = _CU_VALUES.get(id(cu))
+    if known is not None and known[0]() is cu:
+        vals = known[1]
+    else:
+        vals = cu.tolist()
+        _remember(cu, vals)
     if vals[0] != 0 or vals[-1] != seq:
         raise ValueError(f"{name} must start at 0 and end at the sequence length {seq}, got {vals[0]}..{vals[-1]}")
     if any(b < a for a, b in zip(vals, vals[1:])):

@@ -31,12 +31,11 @@ Each is a torch.autograd.Function: forward(q, k, v, spec) -> out, differentiable
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 
 from dist import comm
-from dist.kernels import attention_backward, attention_delta, attention_forward, merge_attention
+from dist.kernels import attention_backward, attention_delta, attention_forward, cu_seqlens, merge_attention
 from dist.plan import block, diag_parts, q_needed, relay_start
 
 
@@ -60,7 +59,7 @@ class Rows:
         self.full = self.count == offsets[-1]
         self.cu = None
         if len(lengths) > 1:
-            self.cu = torch.tensor([0, *itertools.accumulate(self.sizes)], dtype=torch.int32, device=device)
+            self.cu = cu_seqlens(self.sizes, device)
         if self.count == 0:
             self.slice, self.index = slice(0, 0), None
         elif all(prev[1] == nxt[0] for prev, nxt in zip(ranges, ranges[1:])):  # one range
