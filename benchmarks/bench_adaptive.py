@@ -26,10 +26,8 @@ only ratios count.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,12 +38,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 from dist.config import load_config  # noqa: E402
 from dist.data import make_dataset, split_for_dp  # noqa: E402
 from dist.models.llama import PRESETS  # noqa: E402
 from dist.seqpar import CostModel, plan_scatter  # noqa: E402
-
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def static_degree(seq_len_max: int, capacity: int, world: int) -> int:
@@ -200,21 +197,16 @@ def main(argv=None):
     m = {"adaptive_s": [x["measured_adaptive_s"] for x in steps], "static_s": [x["measured_static_s"] for x in steps]}
     p = {"adaptive_s": [x["adaptive_s"] for x in steps], "static_s": [x["static_s"] for x in steps]}
     m["ratio"], p["ratio"] = ratio_summary(m["static_s"], m["adaptive_s"]), ratio_summary(p["static_s"], p["adaptive_s"])
-    res = {"date": datetime.date.today().isoformat(),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average "
-                      f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)",
+    res = {"date": today(), "machine": machine(load_start),
            "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "cost_model")},
                       "static_degree": static_degree(args.seq_len_max, args.capacity, args.world)},
            "cost_model": cm.to_dict(), "profile_max_error": max(abs(e) for e in fit_errors),
            "measured": m, "predicted": p, "ratio_error": p["ratio"]["run"] / m["ratio"]["run"] - 1,
            "steps": steps, "raw_step_s": measured}
-    os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ("" if args.world == 4 else f"_w{args.world}")
-    with open(os.path.join(args.out, f"bench_adaptive{suffix}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, f"bench_adaptive{suffix}_{res['date']}.md"), "w") as f:
-        f.write(markdown(res))
-    print(markdown(res))
+    md = markdown(res)
+    write_results(f"bench_adaptive{suffix}", res, md, args.out)
+    print(md)
 
 
 if __name__ == "__main__":

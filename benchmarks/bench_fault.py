@@ -27,11 +27,9 @@ On CPU only the ratios mean anything; absolute times count only from a GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -41,6 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 
 BIG = dict(vocab_size=32000, dim=768, n_layers=10, n_heads=12, n_kv_heads=4, ffn_dim=2048)
 
@@ -390,7 +389,7 @@ def main() -> None:
     p.add_argument("--kill-trials", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="kill trials: random steps, ranks and phases")
     p.add_argument("--timeout", type=float, default=1200)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--out", default=RESULTS)
     p.add_argument("--merge", action="store_true", help="add these parts to the results already in --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -401,15 +400,14 @@ def main() -> None:
     if args.worker == "step":
         return step_worker(args)
     parts = args.parts.split(",")
-    load = f"load average {os.getloadavg()[0]:.1f} at the start of {'+'.join(parts)}"
-    res = {"date": datetime.date.today().isoformat(),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {load} "
-                      "(shared machine)"}
+    start = f"at the start of {'+'.join(parts)}"
+    res = {"date": today(), "machine": f"{machine()} {start}"}
     path = os.path.join(args.out, "bench_fault.json")
     if args.merge and os.path.exists(path):  # parts recorded by several runs, e.g. timed ones apart
         with open(path) as f:
             old = json.load(f)
-        res = {**old, "date": res["date"], "machine": f"{old['machine']}; {load}"}
+        res = {**old, "date": res["date"],
+               "machine": f"{old['machine']}; load average {os.getloadavg()[0]:.1f} {start}"}
     with tempfile.TemporaryDirectory(prefix="bench-fault-") as work:
         args.workdir = work
         for part in parts:
@@ -417,12 +415,8 @@ def main() -> None:
             res[part] = {"step": run_step, "steplong": run_step_long, "codec": run_codec, "recovery": run_recovery,
                          "trials": run_trials, "survival": run_survival, "model8b": run_model8b}[part](args)
             print(f"{part}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
     md = markdown(res)
-    with open(os.path.join(args.out, f"bench_fault_{res['date']}.md"), "w") as f:
-        f.write(md)
+    write_results("bench_fault", res, md, args.out)
     print(md)
 
 

@@ -15,8 +15,6 @@ Writes benchmarks/results/bench_kernels.json and benchmarks/results/bench_kernel
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import statistics
@@ -27,11 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_links import cpu_model  # noqa: E402
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 from dist.kernels import attention_backward, attention_forward, decode_attention  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
 
 def timeit(fn, warmup, repeats, cuda):
     """-> (median seconds, spread = (max - min) / median) over `repeats` timed calls."""
@@ -52,12 +47,6 @@ def timeit(fn, warmup, repeats, cuda):
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return med, (max(times) - min(times)) / med
-
-
-def machine():
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def attn_flops(batch, heads, seq, dim, causal):
@@ -187,12 +176,13 @@ def run(args):
         print(f"decode   ctx={context:6d} ours {r['ours_s'] * 1e3:8.3f} ms ({r['ours_GBps']:7.1f} GB/s)  "
               f"gather+SDPA {r['peer_s'] * 1e3:8.3f} ms  ratio {r['ratio']:.2f}x  max err {r['max_abs_err']:.1e}",
               flush=True)
-    return dict(machine=machine(), device=device, torch=torch.__version__, date=datetime.date.today().isoformat(),
+    threads = "" if cuda else f", {torch.get_num_threads()} threads"
+    return dict(machine=machine() + threads, device=device, torch=torch.__version__, date=today(),
                 quick=args.quick, warmup=args.warmup, repeats=args.repeats, references=refs, rows=rows)
 
 
 def markdown(res):
-    lines = [f"# bench_kernels — {res['date']}", "", f"Machine: {res['machine']} (torch {res['torch']}); "
+    lines = [f"# bench_kernels — {res['date']}", "", f"Machine: {res['machine']}; "
              f"warm-up {res['warmup']}, repeats {res['repeats']}, median; spread = (max-min)/median."
              + (" QUICK SMOKE RUN, not a measurement." if res["quick"] else ""), ""]
     refs = res["references"]
@@ -229,12 +219,8 @@ def main():
     if args.quick:
         args.warmup, args.repeats = 1, 2
     res = run(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "bench_kernels.json"), "w") as f:
-        json.dump(res, f, indent=1)
     md = markdown(res)
-    with open(os.path.join(args.out_dir, f"bench_kernels_{res['date']}.md"), "w") as f:
-        f.write(md)
+    write_results("bench_kernels", res, md, args.out_dir)
     print(md)
 
 

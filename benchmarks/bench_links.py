@@ -47,13 +47,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.common import machine as machine_line, now, results_at, write_results  # noqa: E402
+
 NOISY = 5  # the shift and the collectives take NOISY x --repeats samples
 NOISY_PATTERNS = ("shift", "alltoall", "allgather")
 
@@ -168,21 +170,6 @@ def _measure(args):
     dist.destroy_process_group()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return cpu
-
-
-def _machine() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def _rate(rec: dict, latency: float, p: int) -> float:
     """A large record's bytes/s per rank net of a latency: the bytes leaving a rank for an
     all-to-all, reaching it for an all-gather, sent otherwise."""
@@ -221,16 +208,13 @@ def _write(args, world, records):
     setting = json.loads(args.setting) if args.setting else {"link": "loopback"}
     label = args.label or ("loopback" if setting.get("link") == "loopback"
                            else f"testbed-{setting['topology']}-{setting['rate']}")
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = _machine()
+    when = now()
+    machine = machine_line()
     source = f"measured by benchmarks/bench_links.py on {setting} ({world} ranks), {when}, {machine}"
     profiles = profiles_from_records(records, label, source, per_peer=setting.get("topology") == "mesh")
     doc = {"profiles": profiles, "measurements": records, "setting": setting, "world_size": world,
            "bytes": args.bytes, "repeats": args.repeats, "date": when, "machine": machine,
            "definitions": __doc__[__doc__.index("For each group"):__doc__.index("Run:")]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
 
     link_bps = setting.get("rate_bps")
     by = {(r["group_size"], r["pattern"], r["size"]): r for r in records}
@@ -265,8 +249,8 @@ def _write(args, world, records):
                      f"{prof['duplex']:.2f} | {prof['alltoall_Bps'] / 1e6:.1f} | {prof['allgather_Bps'] / 1e6:.1f} | "
                      f"{one_group:.2f} | {exch:.2f} |")
     md = "\n".join(lines) + "\n"
-    with open(args.markdown or os.path.splitext(args.json)[0] + ".md", "w") as f:
-        f.write(md)
+    out_dir, name = results_at(args.json)
+    write_results(name, doc, md, out_dir, md_name=os.path.abspath(args.markdown) if args.markdown else f"{name}.md")
     print(md)
     print(f"wrote {args.json}")
 
@@ -308,7 +292,6 @@ def main(argv=None):
     if "WORLD_SIZE" in os.environ:
         return _measure(args)
     if args.testbed:
-        sys.path.insert(0, REPO)
         from benchmarks.testbed import Testbed
 
         with Testbed(hosts=args.hosts, rate=args.rate, topology=args.topology, prefix=args.prefix) as tb:

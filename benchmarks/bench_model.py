@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -43,6 +41,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RESULTS, machine, now, results_at, write_results  # noqa: E402
 from dist import comm  # noqa: E402
 from dist.kernels import attention_backward, attention_forward, merge_attention  # noqa: E402
 from dist.plan import SP_STRATEGIES, diag_tail  # noqa: E402
@@ -50,7 +49,6 @@ from dist.ringattn import shard  # noqa: E402
 from dist.seqpar import sp_attention  # noqa: E402
 from dist.sim import KERNEL_TILES, ComputeProfile, LinkProfile, Workload, load_link_profiles, predict  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SUMMARY_KEYS = ("link", "world", "strategy")  # the error summarised per link type, per P, per strategy
 
 
@@ -67,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--probe-bytes", type=int, default=8 << 20, help="message size of the link probe")
     ap.add_argument("--link-profile", help="JSON link profiles (dist.sim format): use the first instead of probing")
     ap.add_argument("--label", default="", help="recorded with the results (e.g. the testbed setting)")
-    ap.add_argument("--json", default=str(RESULTS / "bench_model.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "bench_model.json"))
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, nothing written")
     args = ap.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
@@ -389,9 +387,7 @@ def main(argv=None):
             print(f"P={world}: {len(rows)} points measured", flush=True)
     print(f"compute: {computes}\nlink: {link}", flush=True)
     predict_rows(args, rows, link, computes)
-    doc = dict(benchmark="bench_model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, load average "
-                       f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end ({load_start:.1f} at the start)",
+    doc = dict(benchmark="bench_model", date=now(), machine=machine(load_start),
                label=args.label, args={k: v for k, v in vars(args).items() if k != "json"},
                compute={p: asdict(c) for p, c in computes.items()}, kernel_timings=kernel_rows, link=asdict(link), rows=rows,
                summary={name: {key: summary(rows, key, field) for key in SUMMARY_KEYS}
@@ -399,12 +395,9 @@ def main(argv=None):
     md = report(args, doc)
     print(md)
     if not args.quick:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2, default=str))
-        dated = path.with_name(f"{path.stem}-{doc['date'][:10]}.md")
-        dated.write_text(md)
-        print(f"wrote {path} and {dated}")
+        out_dir, name = results_at(args.json)
+        json_path, md_path = write_results(name, doc, md, out_dir, md_name=f"{name}-{doc['date'][:10]}.md")
+        print(f"wrote {json_path} and {md_path}")
     return doc
 
 

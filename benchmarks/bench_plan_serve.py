@@ -19,15 +19,16 @@ Writes results/bench_plan_serve.json and a dated markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-
-from dist.disagg.plan import (DEVICES, Instance, Lengths, Problem, Roofline, Slo, Trace, load_fitted, model_shape,
-                              search)
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, ROOT)
+from benchmarks.common import RESULTS, today, write_results  # noqa: E402
+from dist.disagg.plan import (DEVICES, Instance, Lengths, Problem, Roofline, Slo, Trace, load_fitted, model_shape,
+                              search)  # noqa: E402
+
 SHAREGPT = ("exp:755", "exp:200", 2048)  # assumed prompt / output lengths and cap (see the docstring)
 
 
@@ -76,7 +77,7 @@ def main(argv=None):
     with open(args.bench) as f:
         bench = json.load(f)
     cpu, pub = cpu_check(bench, args.profile, args.requests), distserve_check(args.requests)
-    lines = [f"# bench_plan_serve {datetime.date.today()}", "",
+    lines = [f"# bench_plan_serve {today()}", "",
              "(a) CPU: bench_serve's two configurations of 2 workers, predicted from the probe profile "
              f"({cpu['profile']}) for the bench's mix and SLO (TTFT {cpu['slo']['ttft_s'] * 1e3:.0f} ms, "
              f"TPOT {cpu['slo']['tpot_s'] * 1e3:.1f} ms); measured goodput on the grid {cpu['rates']} req/s.", "",
@@ -96,11 +97,7 @@ def main(argv=None):
               f"{pub['our_pick_per_gpu']:.2f} requests/s per GPU."]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
-        json.dump({"cpu": cpu, "distserve": pub}, f, indent=1)
-    with open(os.path.join(RESULTS, f"{args.out}_{datetime.date.today()}.md"), "w") as f:
-        f.write(text)
+    write_results(args.out, {"cpu": cpu, "distserve": pub}, text)
 
 
 if __name__ == "__main__":

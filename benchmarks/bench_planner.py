@@ -22,20 +22,17 @@ predictions, not measurements.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
-import json
 import os
-import platform
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 from dist.seqpar import CostModel, plan_scatter  # noqa: E402
 from dist.seqpar.planner import degrees, makespan, split_microbatches  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKIPEDIA = os.path.join(ROOT, "..", "shared", "data", "wikipedia_seq_lengths.txt.gz")  # shared/ beside the repo
 
@@ -256,8 +253,7 @@ def main(argv=None):
                            args.time_limit, args.seed)
         sweep = homog_sweep(wiki, cm, settings[1:], 64, 20, args.time_limit, args.seed)
     result = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end)",
+        "date": today(), "machine": f"{machine()} at the end",
         "config": {
             "cluster": "Llama-3-8B bf16 on H100s, 8 per node, NVLink (nvlink-h100) inside, InfiniBand NDR "
                        "(ib-400) across, per group size the fastest strategy (CostModel(strategy=\"auto\"))",
@@ -265,13 +261,9 @@ def main(argv=None):
             "tokens_per_rank": args.tokens_per_rank, "time_limit_s": args.time_limit, "seed": args.seed,
             "quick": args.quick},
         "plan": plan, "step": step, "sweep": sweep}
-    os.makedirs(args.out, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    with open(os.path.join(args.out, f"bench_planner{suffix}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, f"bench_planner{suffix}_{result['date']}.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    md = markdown(result)
+    write_results("bench_planner_quick" if args.quick else "bench_planner", result, md, args.out)
+    print(md)
 
 
 if __name__ == "__main__":

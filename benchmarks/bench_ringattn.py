@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -37,6 +35,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RESULTS, machine, now, results_at, write_results  # noqa: E402
 from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
 from dist.ringattn import diag_tail, shard  # noqa: E402
@@ -45,7 +44,6 @@ from dist.seqpar import sp_attention  # noqa: E402
 from dist.seqpar import ulysses as ulysses_module  # noqa: E402
 from dist.sim import RING_STRATEGIES, Workload, bytes_per_rank  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NOCOMM = "-nocomm"  # a strategy's schedule with its messages not sent
 NOKERNEL = "-nokernel"  # a ring strategy's messages with its kernels stubbed out (zeros)
 DEFAULT_STRATEGIES = ",".join(["tokenring", "ring", "allgather", "ulysses", "ds-ulysses",
@@ -327,14 +325,9 @@ def print_rows(args, world, rows, meta):
                 print(f"  tokenring vs {other}: {base[other]['median_s'] / base['tokenring']['median_s']:.3f}x")
 
 
-def write_results(args, all_rows, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}"
-    doc = dict(benchmark="ringattn", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               machine=machine.strip(), label=args.label, args=vars(args), runs=all_rows)
-    path.write_text(json.dumps(doc, indent=2, default=str))
-    day = datetime.date.today().isoformat()
-    md = path.with_name(f"{path.stem}-{day}.md")
+def report(args, all_rows, json_path):
+    doc = dict(benchmark="ringattn", date=now(), machine=machine(), label=args.label, args=vars(args), runs=all_rows)
+    day = doc["date"][:10]
     lines = [f"# ring attention fwd+bwd, {day}", "", f"Machine: {doc['machine']}. {args.label}", "",
              f"s={args.seq_len}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
              f"causal={args.causal}, layout={args.layout}, {args.dtype}, one thread per rank, "
@@ -357,8 +350,9 @@ def write_results(args, all_rows, path):
             meta = run["meta"]
             lines.append(f"\nP={run['world']}: {ratios}; single rank {meta['single_s']:.3f} s, every rank at once "
                          f"{meta['single_all_s']:.3f} s (ceiling {meta['ceiling']:.3f}); {meta['transport']}.")
-    md.write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {path} and {md}")
+    out_dir, name = results_at(json_path)
+    json_path, md_path = write_results(name, doc, "\n".join(lines) + "\n", out_dir, md_name=f"{name}-{day}.md")
+    print(f"\nwrote {json_path} and {md_path}")
 
 
 def main(argv=None):
@@ -391,7 +385,7 @@ def main(argv=None):
             print_rows(args, world, rows, meta)
             all_rows.append(dict(world=world, rows=rows, meta=meta))
     if not args.no_write:
-        write_results(args, all_rows, Path(args.json) if args.json else RESULTS / "ringattn.json")
+        report(args, all_rows, args.json or os.path.join(RESULTS, "ringattn.json"))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 from dist.models.llama import PRESETS  # noqa: E402
 from dist.plan import diag_tail  # noqa: E402
 from dist.sim import COMPUTE_PROFILES, LINK_PROFILES, Cluster, ComputeProfile, Workload, predict  # noqa: E402
@@ -50,7 +50,6 @@ from dist.sim.model import schedule  # noqa: E402
 from dist.sim.replay import max_sent, phases, predict_fast, replay_phases  # noqa: E402
 from dist.sim.timeline import replay  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 H100_CLUSTER = Cluster(8, LINK_PROFILES["nvlink-h100"], LINK_PROFILES["ib-400"])
 H100 = COMPUTE_PROFILES["h100-bf16"]
 H100_GIB = 79.6          # what torch.cuda reports for an H100 SXM 80 GB (GiB)
@@ -554,7 +553,7 @@ def main(argv=None):
         adaptive_worlds, checks = [64, 256, 1024], [8, 16, 32, 64]
     t0 = time.perf_counter()
     rows = sweep(models, worlds, weak, strong)
-    doc = {"date": datetime.date.today().isoformat(),
+    doc = {"date": today(),
            "config": {"cluster": "H100 SXM, 8 a node, NVLink 4 inside (nvlink-h100: "
                       f"{LINK_PROFILES['nvlink-h100'].source}), one 400 Gbit/s InfiniBand NDR NIC per GPU across "
                       f"(ib-400: {LINK_PROFILES['ib-400'].source})", "compute": f"h100-bf16 ({H100.source})",
@@ -580,15 +579,10 @@ def main(argv=None):
     doc["validation"] = tokenring_readme()
     if os.path.exists(args.lengths) and "nvlink-a100" in LINK_PROFILES:
         doc["validation"] += flexsp(args.lengths, 2 if args.quick else args.batches, args.time_limit)
-    doc["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores, load average "
-                      f"{os.getloadavg()[0]:.1f} at the end; model run {time.perf_counter() - t0:.0f} s")
-    os.makedirs(args.out, exist_ok=True)
+    doc["machine"] = f"{machine()} at the end; model run {time.perf_counter() - t0:.0f} s"
     name = "bench_scaling_quick" if args.quick else "bench_scaling"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(doc, f, indent=1, default=float)
     md = markdown(doc)
-    with open(os.path.join(args.out, f"{name}_{doc['date']}.md"), "w") as f:
-        f.write(md)
+    write_results(name, doc, md, args.out)
     plot(doc, os.path.join(args.out, f"{name}.png"))
     print(md)
     return doc

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -36,7 +33,8 @@ import httpx
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, ROOT)
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 
 
 def free_port() -> int:
@@ -207,10 +205,9 @@ def main(argv=None):
         good = [rate for rate, s in table[mode]["rates"].items() if s["attainment"] >= 0.9]
         table[mode]["goodput_rps"] = max(good) if good else 0.0
 
-    lines = [f"# bench_serve {datetime.date.today()}", "",
-             f"Machine: {os.cpu_count()} cores, CPU only ({platform.machine()}); "
-             f"tiny model, 3 ranks per mode (router + 2 workers); load average {load_start:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine). Ratios only.", "",
+    lines = [f"# bench_serve {today()}", "",
+             f"Machine: {machine(load_start)} (other jobs share the machine); "
+             "tiny model, 3 ranks per mode (router + 2 workers), CPU only. Ratios only.", "",
              f"Mix: {args.long_share:.0%} long ({args.long_len} tokens), rest short ({args.short_len}); "
              f"{args.max_tokens} output tokens; {args.requests} requests per rate; colocated chunk "
              f"{args.chunk_tokens} tokens; serve.pin_cores = {bool(args.pin_cores)}.",
@@ -235,15 +232,11 @@ def main(argv=None):
               f"{c['goodput_rps']:g}/s, ratio {ratio}."]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
     per_request = {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
                                  for key in ("long", "ok", "ttft", "tpot", "e2e")} for x in v["results"]]
                        for k, v in r["rates"].items()} for m, r in runs.items()}
-    with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
-        json.dump({"args": vars(args), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "summary": table,
-                   "requests": per_request}, f)
-    with open(os.path.join(RESULTS, f"{args.out}_{datetime.date.today()}.md"), "w") as f:
-        f.write(text)
+    write_results(args.out, {"args": vars(args), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "summary": table,
+                             "requests": per_request}, text, indent=None)
     import matplotlib
 
     matplotlib.use("Agg")

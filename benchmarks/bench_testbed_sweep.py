@@ -14,7 +14,6 @@ Writes benchmarks/results/bench_testbed_sweep.json and .md (override with --json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks import bench_links  # noqa: E402
 from benchmarks.bench_model import summary  # noqa: E402
+from benchmarks.common import machine, now, results_at, write_results  # noqa: E402
 from benchmarks.testbed import Testbed, parse_rate  # noqa: E402
 
 MODEL_BENCH = os.path.join(REPO, "benchmarks", "bench_model.py")
@@ -85,12 +85,9 @@ def probe(args, tb, workdir: str, port: int) -> str:
 
 def write_report(args, points: list[dict]) -> None:
     rows = [r for pt in points for r in pt.get("rows", [])]
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc = {"date": when, "machine": bench_links._machine(), "args": {k: v for k, v in vars(args).items() if k != "json"}, "points": points,
-           "summary": summary(rows, "link") if rows else []}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
+    when = now()
+    doc = {"date": when, "machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "json"},
+           "points": points, "summary": summary(rows, "link") if rows else []}
     lines = [f"# dist.sim on shaped links ({when})", "",
              f"Machine: {doc['machine']}. seq {args.seq_lens}, heads {args.heads}, d {args.head_dim}, causal "
              "zigzag, 1 rank per host; link probed once (2 ranks), kernels timed once per run on every rank at once; "
@@ -107,8 +104,8 @@ def write_report(args, points: list[dict]) -> None:
         lines.append(f"| {s['link']} | {s['points']} | {100 * s['median_abs_error']:.1f}% | "
                      f"{100 * s['worst_error']:+.1f}% | {s['within_10pct']} |")
     md = "\n".join(lines) + "\n"
-    with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-        f.write(md)
+    out_dir, name = results_at(args.json)
+    write_results(name, doc, md, out_dir, md_name=f"{name}.md")
     print(md)
 
 

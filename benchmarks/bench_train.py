@@ -15,10 +15,8 @@ Writes benchmarks/results/bench_train.json and a dated markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import RESULTS, machine, today, write_results  # noqa: E402
 from dist.config import load_config  # noqa: E402
 
 # name -> (model shape, data settings); "mid" is saved as a Hugging Face folder and loaded via model.path
@@ -98,7 +97,7 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,mid", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per config")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -116,9 +115,8 @@ def main() -> None:
             results.append(r)
     if int(os.environ.get("RANK", 0)):
         return
-    machine = (torch.cuda.get_device_name(device) if cuda
-               else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads/rank")
-    header = (f"# bench_train ({datetime.date.today()}, {machine}, {world} rank(s), "
+    host = machine() + ("" if cuda else f", {torch.get_num_threads()} threads/rank")
+    header = (f"# bench_train ({today()}, {host}, {world} rank(s), "
               f"{'bf16' if cuda else 'fp32'})\n\nBaseline: measured matmul rate {peak / 1e9:.1f} GFLOP/s per rank. "
               f"MFU = achieved model FLOP/s / (matmul rate x ranks).{'' if cuda else ' CPU: only ratios count.'}\n")
     table = ["| config | params | tokens/step | tokens/s median [min, max] | MFU | mem MB | loss |",
@@ -129,13 +127,8 @@ def main() -> None:
                      f"{r['mfu']:.2%} | {r['mem_mb']:.0f} | {r['final_loss']:.3f} |")
     text = header + "\n" + "\n".join(table) + "\n"
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    tag = "gpu" if cuda else "cpu"
-    with open(os.path.join(args.out, f"bench_train_{tag}.json"), "w") as f:
-        json.dump({"date": str(datetime.date.today()), "machine": machine, "world_size": world,
-                   "matmul_flops_per_s": peak, "results": results}, f, indent=1)
-    with open(os.path.join(args.out, f"bench_train_{tag}_{datetime.date.today()}.md"), "w") as f:
-        f.write(text)
+    doc = {"date": today(), "machine": host, "world_size": world, "matmul_flops_per_s": peak, "results": results}
+    write_results(f"bench_train_{'gpu' if cuda else 'cpu'}", doc, text, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ it prints the estimates only. Writes benchmarks/results/check_memory.json and a 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import RESULTS, today, write_results  # noqa: E402
 from dist.config import load_config  # noqa: E402
 from dist.memory import GiB, estimate  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--strategy", default="tokenring")
     ap.add_argument("--engine", default="torch", choices=["torch", "fsdp", "deepspeed"])
     ap.add_argument("--modes", default="none,selective,full")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available()
@@ -92,10 +92,7 @@ def main() -> int:
         return 0
     result = {"device": device, "world_size": world, "shape": args.shape, "seq": args.seq, "sp": args.sp,
               "strategy": args.strategy, "engine": args.engine, "rows": rows,
-              "date": datetime.date.today().isoformat()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "check_memory.json"), "w") as f:
-        json.dump(result, f, indent=1)
+              "date": today()}
     lines = [f"# Memory estimate vs torch.cuda.max_memory_allocated ({result['date']})", "",
              f"{device}, {world} ranks, shape {args.shape}, {args.seq} tokens, sp {args.sp} ({args.strategy}), "
              f"engine {args.engine}; the estimate without its margin", "",
@@ -103,8 +100,7 @@ def main() -> int:
              "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['tokens_per_rank']} | {r['estimate_gb']:.2f} | {r['measured_gb']:.2f} | "
               f"{r['ratio']:.3f} |" for r in rows]
-    with open(os.path.join(args.out, f"check_memory_{result['date']}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_results("check_memory", result, "\n".join(lines) + "\n", args.out)
     print("\n".join(lines))
     return 0
 
