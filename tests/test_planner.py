@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from dist.seqpar import CostModel, candidate_groups, plan_scatter
-from dist.seqpar.profile import fit, fit_group
+from dist.seqpar.profile import fit, fit_doc, fit_group
 from dist.seqpar.profile import main as profile_main
 from dist.sim import LINK_PROFILES, Workload, bytes_per_rank
 from tests.multirank import run_ranks
@@ -94,14 +94,18 @@ def test_profile_fit_recovers_coefficients_and_writes_a_loadable_model(tmp_path,
 def test_measured_pass_terms_are_one_latency_per_ring_message():
     # brute force: walk every layer, direction and ring step of one pass and add its latency
     cm = CostModel(attn_s=0.0, linear_s=0.0, const_s=1e-3, n_layers=3, heads_q=8, heads_kv=8, head_dim=64,
-                   gpus_per_node=4, latency_s=2e-3, group_pass_s=5e-3, step_s=0.25)
+                   gpus_per_node=4, latency_s=2e-3, group_pass_s=5e-3, step_s=0.25, doc_s=1e-4)
     for degree in (1, 2, 4):
         expected = cm.const_s + (cm.group_pass_s if degree > 1 else 0.0)
         for _layer, _direction, _step in itertools.product(range(3), ("forward", "backward"), range(degree - 1)):
             expected += cm.latency_s
         assert cm.pass_time(degree) == pytest.approx(expected, rel=1e-12)
-        assert cm.group_time([64, 128], degree) == pytest.approx(
-            expected + cm.token_time(64, degree) + cm.token_time(128, degree), rel=1e-12)
+        # each packed sequence: one attention call per layer, ring block (d of them) and direction
+        for _seq, _layer, _direction, _block in itertools.product(range(2), range(3), range(2), range(degree)):
+            expected += cm.doc_s
+        bytes_only = CostModel(**{**cm.to_dict(), "doc_s": 0.0})  # attn_s = linear_s = 0: the link's bytes
+        expected += bytes_only.token_time(64, degree) + bytes_only.token_time(128, degree)
+        assert cm.group_time([64, 128], degree) == pytest.approx(expected, rel=1e-12)
     # beyond the node the link profile's latency holds: latency_s is measured inside one
     inter = LINK_PROFILES[cm.inter_link].latency_s
     assert cm.pass_time(8) == pytest.approx(cm.const_s + cm.group_pass_s + 3 * 2 * 7 * inter, rel=1e-12)
@@ -112,6 +116,8 @@ def test_measured_pass_terms_are_one_latency_per_ring_message():
 
 def test_group_fit_recovers_pass_terms():
     degrees, n_layers = [2, 4, 8], 2
+    assert fit_doc([1, 2, 4], [n_layers * 2 * d * 6e-4 for d in (1, 2, 4)], n_layers) == pytest.approx(6e-4)
+    assert fit_doc([1, 2], [-1e-3, -2e-3], n_layers) == 0.0
     overheads = [7e-3 + n_layers * 2 * (d - 1) * 3e-4 for d in degrees]
     assert fit_group(degrees, overheads, n_layers) == pytest.approx((7e-3, 3e-4), rel=1e-9)
     assert fit_group([4], [12 * 3e-4], n_layers) == pytest.approx((0.0, 3e-4), rel=1e-9)

@@ -9,10 +9,11 @@ A sequence of L tokens on a group of d ranks (forward + backward of the whole mo
     time = (attn_s * L^2 + linear_s * L) / d        compute, split evenly over the group
          + layers * bytes(L / d, d) / bandwidth      the strategy's messages on the link the group spans
          + layers * 2 * (d - 1) * latency            (intra-node up to gpus_per_node ranks, else inter-node)
+         + layers * 2 * d * doc_s                    per sequence: its attention calls (0 for one varlen kernel)
          + const_s (+ group_pass_s when d > 1)       per pass: kernel launches, the loss, the ring's setup
 
 and per training step, whatever the plan, step_s (gradient all-reduce + optimizer). `python -m
-dist.seqpar.profile --world N` measures latency_s, group_pass_s and step_s on N ranks of a node.
+dist.seqpar.profile --world N` measures doc_s, latency_s, group_pass_s and step_s on N ranks of a node.
 
 bytes per rank come from dist.sim (the same block plan the implementation sends). Several sequences
 packed into one pass of a group share one const_s and one set of latencies (`group_time`): that is
@@ -88,7 +89,8 @@ class CostModel:
     linear_s: seconds per token on one rank (projections, MLP, head, norms); const_s: per pass;
     latency_s, group_pass_s: per ring message and per pass of a group of 2+ ranks, measured on a node
     (0: the link profile's latency, nothing more); step_s: per training step, outside the plan (the
-    gradient all-reduce and the optimizer: `step_time` adds it);
+    gradient all-reduce and the optimizer: `step_time` adds it); doc_s: per sequence and attention call
+    (layer x ring block x forward/backward), what a packed pass pays per sequence it holds;
     strategy: the SP strategy groups run ("auto": per group size, the one with the least time on the link); heads_q/heads_kv/head_dim/n_layers/itemsize: the shapes its
     messages carry; intra_link/inter_link: dist.sim link profile names; gpus_per_node: ranks per node;
     state_bytes: model state per rank (weights, gradients, optimizer); act_bytes_per_token: activation
@@ -112,13 +114,14 @@ class CostModel:
     latency_s: float = 0.0       # measured seconds per ring message inside a node (0: intra_link's latency)
     group_pass_s: float = 0.0    # measured seconds a pass on 2+ ranks costs beyond compute and messages
     step_s: float = 0.0          # measured seconds per training step whatever the plan: all-reduce + optimizer
+    doc_s: float = 0.0           # measured seconds per sequence per attention call (layer, ring block, fwd/bwd)
 
     def __post_init__(self):
         if self.strategy not in (*SP_STRATEGIES, "auto"):
             raise ValueError(f"cost model key 'strategy' must be one of {[*SP_STRATEGIES, 'auto']}, "
                              f"got {self.strategy!r}")
         for key in ("attn_s", "linear_s", "const_s", "state_bytes", "act_bytes_per_token", "latency_s",
-                    "group_pass_s", "step_s"):
+                    "group_pass_s", "step_s", "doc_s"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"cost model key {key!r} must be >= 0, got {getattr(self, key)!r}")
         for key in ("heads_q", "heads_kv", "head_dim", "n_layers", "itemsize", "gpus_per_node"):
@@ -147,7 +150,8 @@ class CostModel:
     def token_time(self, seq_len: float, degree: int) -> float:
         """Seconds for one sequence on the group without the per-pass terms (compute + bytes on the link)."""
         compute = (self.attn_s * seq_len * seq_len + self.linear_s * seq_len) / degree
-        return compute + comm_terms(self, degree)[1] * seq_len / degree
+        calls = self.n_layers * 2 * degree  # this sequence's attention calls: per layer, ring block, direction
+        return compute + comm_terms(self, degree)[1] * seq_len / degree + calls * self.doc_s
 
     def pass_time(self, degree: int) -> float:
         """Seconds a group's pass costs however many sequences it packs: message latencies + const_s

@@ -34,13 +34,18 @@ from .cost import CostModel
 
 
 def step_time(model, vocab: int, seq_len: int, device, repeats: int, warmup: int = 2, *, rank: int = 0,
-              degree: int = 1) -> float:
+              degree: int = 1, docs: int = 0) -> float:
     """Median seconds of one forward + backward of a [1, seq_len] batch (loss: mean of the logits); with
-    degree > 1 this rank's zigzag shard of it (the model's attention set to the group's)."""
-    ids = torch.randint(0, vocab, (seq_len,), device=device)
-    pos = torch.arange(seq_len, device=device)
+    degree > 1 this rank's zigzag shard of it (the model's attention set to the group's); with docs > 0,
+    `docs` sequences of seq_len tokens packed in the pass (cu_seqlens)."""
+    n = seq_len * max(docs, 1)
+    ids = torch.randint(0, vocab, (n,), device=device)
+    pos = torch.arange(n, device=device) % seq_len
+    packed = {}
+    if docs:
+        packed["cu_seqlens"] = torch.arange(0, n + 1, seq_len, dtype=torch.int32, device=device)
     if degree > 1:
-        ids, pos = (shard(x, 0, rank, degree, "zigzag") for x in (ids, pos))
+        ids, pos = (shard(x, 0, rank, degree, "zigzag", **packed) for x in (ids, pos))
     ids, pos = ids[None], pos[None]
     times = []
     for i in range(warmup + repeats):
@@ -49,7 +54,7 @@ def step_time(model, vocab: int, seq_len: int, device, repeats: int, warmup: int
         if dist.is_initialized():
             dist.barrier()  # every rank starts each repeat together, as in a training step
         t0 = time.perf_counter()
-        model(ids, pos).float().mean().backward()
+        model(ids, pos, **packed).float().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -68,6 +73,16 @@ def fit(lengths, times) -> tuple[tuple[float, float, float], list[float]]:
     coef = np.clip(coef, 0.0, None)
     pred = np.stack([L * L, L, np.ones_like(L)], axis=1) @ coef
     return tuple(float(c) for c in coef), [float(e) for e in (pred - t) / t]
+
+
+PACKED_DOCS = 4  # sequences of the probe's packed pass
+
+
+def fit_doc(degrees, per_doc, n_layers: int) -> float:
+    """doc_s of per_doc(d) = n_layers * 2 * d * doc_s (one attention call per document, ring block, layer,
+    forward and backward) by least squares over the group sizes, clipped at 0."""
+    calls = np.array([n_layers * 2 * d for d in degrees], dtype=np.float64)
+    return max(0.0, float(np.asarray(per_doc, dtype=np.float64) @ calls / (calls @ calls)))
 
 
 def fit_group(degrees, overheads, n_layers: int) -> tuple[float, float]:
@@ -106,14 +121,17 @@ def node_probe(rank: int, world: int, init: str, args, lengths: list[int], out: 
         device = torch.device("cpu")
         times = [step_time(model, cfg.vocab_size, n, device, args.repeats) for n in lengths]
         pass_len = -(-min(lengths) // (2 * world)) * 2 * world  # every group size's zigzag shards are whole
-        passes = {}
-        for d in degrees(world)[1:]:
+        passes, packed = {}, {}
+        for d in degrees(world):
             mine = None
-            for start in range(0, world, d):
-                group, _ = comm.new_group_pair(list(range(start, start + d)))
+            for start in range(0, world, d if d > 1 else world):
+                group, _ = comm.new_group_pair(list(range(start, start + d))) if d > 1 else (None, None)
                 mine = group if group is not None else mine
-            model.set_attention(ring_attn_fn(mine, args.strategy, "zigzag"))
-            passes[d] = step_time(model, cfg.vocab_size, pass_len, device, args.repeats, rank=rank % d, degree=d)
+            model.set_attention(ring_attn_fn(mine, args.strategy, "zigzag") if d > 1 else None)
+            passes[d] = step_time(model, cfg.vocab_size, pass_len, device, args.repeats, rank=rank % d, degree=d,
+                                  docs=1)
+            packed[d] = step_time(model, cfg.vocab_size, pass_len, device, args.repeats, rank=rank % d, degree=d,
+                                  docs=PACKED_DOCS)
             model.set_attention(None)
         optimizer = adamw(model, load_config(None, []))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -130,7 +148,8 @@ def node_probe(rank: int, world: int, init: str, args, lengths: list[int], out: 
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"times": [statistics.mean(t[i] for t in gathered) for i in range(len(lengths))],
-                           "pass_len": pass_len, "passes": passes, "step_s": statistics.median(step[2:])}, f)
+                           "pass_len": pass_len, "passes": passes, "packed": packed,
+                           "step_s": statistics.median(step[2:])}, f)
     finally:
         dist.destroy_process_group()
 
@@ -146,7 +165,8 @@ def probe_node(args, lengths: list[int]) -> dict:
                            start_method="spawn")
         with open(out) as f:
             res = json.load(f)
-    res["passes"] = {int(d): t for d, t in res["passes"].items()}
+    for key in ("passes", "packed"):
+        res[key] = {int(d): t for d, t in res[key].items()}
     return res
 
 
@@ -211,16 +231,26 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "preset": args.preset,
               "dtype": str(dtype), "world": args.world, "lengths": lengths, "times_s": times, "rel_errors": errors}
     if probe is not None:
-        sizes, n = sorted(probe["passes"]), probe["pass_len"]
+        n, k = probe["pass_len"], PACKED_DOCS
+        every = sorted(probe["passes"])
+        per_doc = [(probe["packed"][d] - probe["passes"][d] - (k - 1) * cm.token_time(n, d)) / (k - 1) for d in every]
+        doc_s = fit_doc(every, per_doc, cm.n_layers)
+        # the compute fit's const_s already holds one document's calls of a one-rank pass
+        cm = dataclasses.replace(cm, doc_s=doc_s, const_s=max(0.0, cm.const_s - cm.n_layers * 2 * doc_s))
+        for d, x in zip(every, per_doc):
+            print(f"group of {d}: each more packed sequence of {n} tokens {x * 1e3:8.2f} ms beyond compute")
+        sizes = every[1:]
         overheads = [probe["passes"][d] - cm.token_time(n, d) - cm.const_s for d in sizes]
         group_pass_s, latency_s = fit_group(sizes, overheads, cm.n_layers)
         cm = dataclasses.replace(cm, group_pass_s=group_pass_s, latency_s=latency_s, step_s=probe["step_s"])
         for d, t, o in zip(sizes, (probe["passes"][d] for d in sizes), overheads):
             print(f"group of {d}: pass of {n} tokens {t * 1e3:8.2f} ms, beyond compute {o * 1e3:8.2f} ms, "
                   f"fit {(cm.pass_time(d) + cm.token_time(n, d) - t) / t * 100:+6.1f}%")
-        print(f"fit: group_pass_s={group_pass_s:.3e} s latency_s={latency_s:.3e} s per ring message; "
+        print(f"fit: doc_s={doc_s:.3e} s per document per attention call; "
+              f"group_pass_s={group_pass_s:.3e} s latency_s={latency_s:.3e} s per ring message; "
               f"step_s={cm.step_s:.3e} s (gradient all-reduce + optimizer on {args.world} ranks)")
-        report.update(pass_len=n, pass_s={str(d): probe["passes"][d] for d in sizes})
+        report.update(pass_len=n, pass_s={str(d): probe["passes"][d] for d in every},
+                      packed_s={str(d): probe["packed"][d] for d in every}, packed_docs=k)
     with open(args.out, "w") as f:
         json.dump({**cm.to_dict(), "fit": report}, f, indent=1)
     print(f"wrote {args.out}")
