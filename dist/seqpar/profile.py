@@ -2,12 +2,18 @@
 
     python -m dist.seqpar.profile                          # tiny preset, CPU or the GPU it finds
     python -m dist.seqpar.profile --preset llama3-8b --lengths 2048,4096,8192,16384 --out cost.json
+    python -m dist.seqpar.profile --world 4                # 4 CPU ranks at once, + the pass terms
 
 Runs the model's forward + backward on one rank at a few sequence lengths (warm-up, then the median
 of repeats), fits time = attn_s * L^2 + linear_s * L + const_s by least squares, prints each
 length's fit error, and writes the coefficients with the model's shapes and the links to the JSON
 that `CostModel.load` reads (config: sp.cost_model). Communication stays the dist.sim link
 profiles' (--intra-link, --inter-link): bytes are the strategy's, the rates the link's.
+
+With --world N (CPU ranks, gloo) the N ranks run at once, all busy as in training: the compute fit
+is under a full node, and short passes on every group size (one sequence, and several packed) give
+doc_s, group_pass_s and latency_s (the measured latency replaces the link profile's inside the
+node), and a gradient all-reduce + AdamW gives step_s.
 """
 
 from __future__ import annotations
