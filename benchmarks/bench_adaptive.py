@@ -4,8 +4,9 @@ cost model's prediction of the same ratio.
     python benchmarks/bench_adaptive.py              # profile this machine, then 4 ranks x both modes
     python benchmarks/bench_adaptive.py --quick      # smoke test
 
-1. Cost model: `python -m dist.seqpar.profile` on this machine (one rank, the threads a rank gets), unless
-   --cost-model names one. The adaptive runs plan with it, and it predicts both modes.
+1. Cost model: `python -m dist.seqpar.profile --world N` on this machine (N ranks of one thread, all busy
+   at once as in training: compute, the per-pass cost of each group size, the gradient all-reduce +
+   optimizer), unless --cost-model names one. The adaptive runs plan with it, and it predicts both modes.
 2. The same batches (synthetic data, one seed: a heterogeneous mix of lengths) trained for a few steps by
    `python -m torch.distributed.run --nproc-per-node N -m dist.launch train` in two modes, alternating,
    `--repeats` times each:
@@ -16,7 +17,7 @@ cost model's prediction of the same ratio.
    the repeats.
 3. Predicted: adaptive = the plan's predicted step (plan_scatter with that cost model and capacity);
    static = the slowest data-parallel rank's sum of CostModel.time(L, degree) over the sequences
-   dist.data.split_for_dp deals it (how the static runner runs them).
+   dist.data.split_for_dp deals it (how the static runner runs them); both + the cost model's step_s.
 
 Prints and writes the measured ratio (static / adaptive: per step median, p10-p90, and over the run)
 beside the predicted one: benchmarks/results/bench_adaptive.json and bench_adaptive_<date>.md. On CPU
@@ -79,6 +80,7 @@ def run_training(args, mode: str, cost_model: str, workdir: str, rep: int) -> li
 
 def profile(args, path: str) -> None:
     cmd = [sys.executable, "-m", "dist.seqpar.profile", "--preset", "tiny", "--threads", "1",
+           "--world", str(args.world),
            "--lengths", args.profile_lengths, "--repeats", "5", "--strategy", args.strategy, "--out", path]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
                           timeout=600)
@@ -100,7 +102,8 @@ def predictions(args, cm: CostModel) -> list[dict]:
         parts = split_for_dp(lens, args.world // degree)
         static = max(sum(cm.time(lens[i], degree) for i in part) for part in parts)
         sizes = sorted({len(g.ranks) for mb in plan.microbatches for g in mb})
-        rows.append({"step": step + 1, "lengths": lens, "adaptive_s": plan.predicted_step_s, "static_s": static,
+        rows.append({"step": step + 1, "lengths": lens, "adaptive_s": cm.step_time(plan.predicted_step_s),
+                     "static_s": cm.step_time(static),
                      "solver": plan.solver, "microbatches": len(plan.microbatches), "group_sizes": sizes})
     return rows
 
@@ -129,8 +132,8 @@ def markdown(res) -> str:
              f"capacity {c['capacity']} tokens per rank; static SP degree {c['static_degree']} "
              f"(sized for the longest sequence); {c['strategy']}, {c['layout']}; {c['steps']} steps "
              f"(first left out) x {c['repeats']} launches per mode, alternating; per step the median over "
-             f"launches. Cost model: `python -m dist.seqpar.profile` on this machine (fit max error "
-             f"{100 * res['profile_max_error']:.1f}%).", "",
+             f"launches. Cost model: `python -m dist.seqpar.profile --world {c['world']}` on this machine "
+             f"(compute fit max error {100 * res['profile_max_error']:.1f}%).", "",
              "| | adaptive s/step (median) | static s/step (median) | static / adaptive per step (p10-p90) "
              "| over the run |", "|---|---|---|---|---|",
              f"| measured | {statistics.median(m['adaptive_s']):.3f} | {statistics.median(m['static_s']):.3f} "
@@ -139,13 +142,18 @@ def markdown(res) -> str:
              f"| predicted | {statistics.median(p['adaptive_s']):.3f} | {statistics.median(p['static_s']):.3f} "
              f"| {p['ratio']['median']:.2f}x ({p['ratio']['p10']:.2f}-{p['ratio']['p90']:.2f}) "
              f"| {p['ratio']['run']:.2f}x |", "",
-             f"Prediction error of the run's ratio: {100 * res['ratio_error']:+.1f}% (predicted / measured - 1).",
+             f"Prediction error of the run's ratio: {100 * res['ratio_error']:+.1f}% (predicted / measured - 1); "
+             f"of the run's seconds: adaptive {100 * res['time_error']['adaptive']:+.1f}%, static "
+             f"{100 * res['time_error']['static']:+.1f}%.",
              f"What the static runs take beyond the prediction, fitted over the steps as a + b x sequences "
              f"(one pass each): b = {1e3 * excess[1]:.1f} ms per pass, a = {1e3 * excess[0]:.0f} ms per step.", "",
-             "| step | sequences | longest | adaptive groups | measured ratio | predicted ratio |",
-             "|---|---|---|---|---|---|"]
+             "| step | sequences | longest | adaptive groups | adaptive s measured / predicted "
+             "| static s measured / predicted | measured ratio | predicted ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in res["steps"]:
         lines.append(f"| {s['step']} | {len(s['lengths'])} | {max(s['lengths'])} | {s['group_sizes']} "
+                     f"| {s['measured_adaptive_s']:.3f} / {s['adaptive_s']:.3f} "
+                     f"| {s['measured_static_s']:.3f} / {s['static_s']:.3f} "
                      f"| {s['measured_ratio']:.2f}x | {s['predicted_ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -202,6 +210,7 @@ def main(argv=None):
                       "static_degree": static_degree(args.seq_len_max, args.capacity, args.world)},
            "cost_model": cm.to_dict(), "profile_max_error": max(abs(e) for e in fit_errors),
            "measured": m, "predicted": p, "ratio_error": p["ratio"]["run"] / m["ratio"]["run"] - 1,
+           "time_error": {k: sum(p[f"{k}_s"]) / sum(m[f"{k}_s"]) - 1 for k in ("adaptive", "static")},
            "steps": steps, "raw_step_s": measured}
     suffix = "_quick" if args.quick else ("" if args.world == 4 else f"_w{args.world}")
     md = markdown(res)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import subprocess
 import sys
 
 import pytest
 
 from dist.seqpar import CostModel, candidate_groups, plan_scatter
-from dist.seqpar.profile import fit
+from dist.seqpar.profile import fit, fit_doc, fit_group
 from dist.seqpar.profile import main as profile_main
 from dist.sim import LINK_PROFILES, Workload, bytes_per_rank
 from tests.multirank import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One rank per "node": every group pays the slow link, so heterogeneous plans matter.
 CM = CostModel(attn_s=2e-10, linear_s=1e-6, const_s=1e-4, heads_q=8, heads_kv=8, head_dim=64, n_layers=4,
@@ -85,6 +89,58 @@ def test_profile_fit_recovers_coefficients_and_writes_a_loadable_model(tmp_path,
     assert cm.time(64, 1) > 0 and cm.time(64, 4) > 0  # its links are dist.sim profiles
     assert "fit error" in capsys.readouterr().out
     assert profile_main(["--lengths", "16,32", "--out", str(out)]) == 2
+
+
+def test_measured_pass_terms_are_one_latency_per_ring_message():
+    # brute force: walk every layer, direction and ring step of one pass and add its latency
+    cm = CostModel(attn_s=0.0, linear_s=0.0, const_s=1e-3, n_layers=3, heads_q=8, heads_kv=8, head_dim=64,
+                   gpus_per_node=4, latency_s=2e-3, group_pass_s=5e-3, step_s=0.25, doc_s=1e-4)
+    for degree in (1, 2, 4):
+        expected = cm.const_s + (cm.group_pass_s if degree > 1 else 0.0)
+        for _layer, _direction, _step in itertools.product(range(3), ("forward", "backward"), range(degree - 1)):
+            expected += cm.latency_s
+        assert cm.pass_time(degree) == pytest.approx(expected, rel=1e-12)
+        # each packed sequence: one attention call per layer, ring block (d of them) and direction
+        for _seq, _layer, _direction, _block in itertools.product(range(2), range(3), range(2), range(degree)):
+            expected += cm.doc_s
+        bytes_only = CostModel(**{**cm.to_dict(), "doc_s": 0.0})  # attn_s = linear_s = 0: the link's bytes
+        expected += bytes_only.token_time(64, degree) + bytes_only.token_time(128, degree)
+        assert cm.group_time([64, 128], degree) == pytest.approx(expected, rel=1e-12)
+    # beyond the node the link profile's latency holds: latency_s is measured inside one
+    inter = LINK_PROFILES[cm.inter_link].latency_s
+    assert cm.pass_time(8) == pytest.approx(cm.const_s + cm.group_pass_s + 3 * 2 * 7 * inter, rel=1e-12)
+    assert cm.step_time(1.5) == 1.75 and CostModel().step_time(1.5) == 1.5
+    with pytest.raises(ValueError, match="latency_s"):
+        CostModel(latency_s=-1.0)
+
+
+def test_group_fit_recovers_pass_terms():
+    degrees, n_layers = [2, 4, 8], 2
+    assert fit_doc([1, 2, 4], [n_layers * 2 * d * 6e-4 for d in (1, 2, 4)], n_layers) == pytest.approx(6e-4)
+    assert fit_doc([1, 2], [-1e-3, -2e-3], n_layers) == 0.0
+    overheads = [7e-3 + n_layers * 2 * (d - 1) * 3e-4 for d in degrees]
+    assert fit_group(degrees, overheads, n_layers) == pytest.approx((7e-3, 3e-4), rel=1e-9)
+    assert fit_group([4], [12 * 3e-4], n_layers) == pytest.approx((0.0, 3e-4), rel=1e-9)
+    assert fit_group([2, 4], [-1e-3, -2e-3], n_layers) == (0.0, 0.0)  # nothing beyond compute: no terms
+
+
+def test_profile_world_probe_reproduces_its_measured_pass(tmp_path):
+    # 2 ranks: one group size, so the fitted terms give back the measured pass of that size exactly
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, "-m", "dist.seqpar.profile", "--world", "2", "--lengths", "16,32,64",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    cm = CostModel.load(out)
+    n, measured = data["fit"]["pass_len"], data["fit"]["pass_s"]["2"]
+    assert cm.step_s > 0 and cm.group_pass_s == 0.0
+    if measured > cm.token_time(n, 2) + cm.const_s:  # else nothing beyond compute was left to fit
+        assert cm.token_time(n, 2) + cm.pass_time(2) == pytest.approx(measured, rel=1e-9)
+    bad = subprocess.run([sys.executable, "-m", "dist.seqpar.profile", "--world", "3", "--lengths", "16,32,64",
+                          "--out", str(out)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert bad.returncode == 2 and "--world" in bad.stderr
 
 
 def test_config_keys(tmp_path):

@@ -9,7 +9,11 @@ A sequence of L tokens on a group of d ranks (forward + backward of the whole mo
     time = (attn_s * L^2 + linear_s * L) / d        compute, split evenly over the group
          + layers * bytes(L / d, d) / bandwidth      the strategy's messages on the link the group spans
          + layers * 2 * (d - 1) * latency            (intra-node up to gpus_per_node ranks, else inter-node)
-         + const_s                                   per pass: kernel launches, the loss, the optimizer hooks
+         + layers * 2 * d * doc_s                    per sequence: its attention calls (0 for one varlen kernel)
+         + const_s (+ group_pass_s when d > 1)       per pass: kernel launches, the loss, the ring's setup
+
+and per training step, whatever the plan, step_s (gradient all-reduce + optimizer). `python -m
+dist.seqpar.profile --world N` measures doc_s, latency_s, group_pass_s and step_s on N ranks of a node.
 
 bytes per rank come from dist.sim (the same block plan the implementation sends). Several sequences
 packed into one pass of a group share one const_s and one set of latencies (`group_time`): that is
@@ -70,6 +74,8 @@ def comm_terms(cm: "CostModel", degree: int) -> tuple[str | None, float, float]:
     for strategy in options:
         per_token, rate, latency = sim_comm(strategy, degree, cm.heads_q, cm.heads_kv, cm.head_dim, cm.itemsize,
                                             cm.link(degree))
+        if cm.latency_s and degree <= cm.gpus_per_node:
+            latency = cm.latency_s  # measured inside the node by `python -m dist.seqpar.profile --world N`
         terms.append((cm.n_layers * per_token / rate, cm.n_layers * 2 * (degree - 1) * latency, strategy))
     per_token_s, latency_s, strategy = min(terms)
     return strategy, per_token_s, latency_s
@@ -81,6 +87,10 @@ class CostModel:
 
     attn_s: seconds per token^2 on one rank (causal attention, all layers, fwd + bwd);
     linear_s: seconds per token on one rank (projections, MLP, head, norms); const_s: per pass;
+    latency_s, group_pass_s: per ring message and per pass of a group of 2+ ranks, measured on a node
+    (0: the link profile's latency, nothing more); step_s: per training step, outside the plan (the
+    gradient all-reduce and the optimizer: `step_time` adds it); doc_s: per sequence and attention call
+    (layer x ring block x forward/backward), what a packed pass pays per sequence it holds;
     strategy: the SP strategy groups run ("auto": per group size, the one with the least time on the link); heads_q/heads_kv/head_dim/n_layers/itemsize: the shapes its
     messages carry; intra_link/inter_link: dist.sim link profile names; gpus_per_node: ranks per node;
     state_bytes: model state per rank (weights, gradients, optimizer); act_bytes_per_token: activation
@@ -101,12 +111,17 @@ class CostModel:
     gpus_per_node: int = 8
     state_bytes: float = 16 * 8.0e9 / 8                          # AdamW mixed precision, ZeRO over 8 ranks
     act_bytes_per_token: float = 32 * 4096 * 2 * 2               # full checkpointing: layer inputs + slack
+    latency_s: float = 0.0       # measured seconds per ring message inside a node (0: intra_link's latency)
+    group_pass_s: float = 0.0    # measured seconds a pass on 2+ ranks costs beyond compute and messages
+    step_s: float = 0.0          # measured seconds per training step whatever the plan: all-reduce + optimizer
+    doc_s: float = 0.0           # measured seconds per sequence per attention call (layer, ring block, fwd/bwd)
 
     def __post_init__(self):
         if self.strategy not in (*SP_STRATEGIES, "auto"):
             raise ValueError(f"cost model key 'strategy' must be one of {[*SP_STRATEGIES, 'auto']}, "
                              f"got {self.strategy!r}")
-        for key in ("attn_s", "linear_s", "const_s", "state_bytes", "act_bytes_per_token"):
+        for key in ("attn_s", "linear_s", "const_s", "state_bytes", "act_bytes_per_token", "latency_s",
+                    "group_pass_s", "step_s", "doc_s"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"cost model key {key!r} must be >= 0, got {getattr(self, key)!r}")
         for key in ("heads_q", "heads_kv", "head_dim", "n_layers", "itemsize", "gpus_per_node"):
@@ -135,15 +150,21 @@ class CostModel:
     def token_time(self, seq_len: float, degree: int) -> float:
         """Seconds for one sequence on the group without the per-pass terms (compute + bytes on the link)."""
         compute = (self.attn_s * seq_len * seq_len + self.linear_s * seq_len) / degree
-        return compute + comm_terms(self, degree)[1] * seq_len / degree
+        calls = self.n_layers * 2 * degree  # this sequence's attention calls: per layer, ring block, direction
+        return compute + comm_terms(self, degree)[1] * seq_len / degree + calls * self.doc_s
 
     def pass_time(self, degree: int) -> float:
-        """Seconds a group's pass costs however many sequences it packs: message latencies + const_s."""
-        return self.const_s + comm_terms(self, degree)[2]
+        """Seconds a group's pass costs however many sequences it packs: message latencies + const_s
+        (+ group_pass_s on two or more ranks)."""
+        return self.const_s + (self.group_pass_s if degree > 1 else 0.0) + comm_terms(self, degree)[2]
 
     def time(self, seq_len: float, degree: int) -> float:
         """Seconds (forward + backward) for one sequence of `seq_len` tokens alone on `degree` ranks."""
         return self.token_time(seq_len, degree) + self.pass_time(degree)
+
+    def step_time(self, microbatch_s: float) -> float:
+        """Seconds of a training step whose plan takes `microbatch_s` (plan.predicted_step_s): + step_s."""
+        return microbatch_s + self.step_s
 
     def group_time(self, seq_lens, degree: int) -> float:
         """Seconds for one pass of a group running `seq_lens` packed together (0 for none)."""
