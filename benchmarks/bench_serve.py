@@ -8,8 +8,15 @@ colocated workers with chunked prefill; serve.pin_cores gives each worker its ow
 shares the second worker's, and this client runs beside the router), one job at a time: warmed up,
 measured idle (one request at a time: a short prompt's TPOT, a long prompt's TTFT), then loaded with
 the same Poisson arrivals at each rate over the streaming API, then idle again. Per
-request: TTFT (the first streamed chunk; the server sends one per token), ITL (gaps between chunks),
-TPOT ((E2E - TTFT) / (tokens - 1)), E2E. The SLO is relative to idle (TTFT <= slo_ttft x idle long
+request: TTFT (the first streamed chunk), ITL (gaps between chunks: one per token while the client
+keeps up, the tokens since the last chunk when it fell behind), TPOT ((E2E - TTFT) / (tokens - 1)), E2E.
+
+Short requests' TPOT p99 against idle TPOT mixes three things: the long prompts' interference (what
+disaggregation removes), continuous batching (several requests decode together) and noise of the
+shared cores. So each rate also runs a control: the same arrivals with every long prompt replaced by
+a short one (same count and times of requests); short TPOT p99 with the long prompts over the same
+requests' TPOT p99 in the control is the interference ratio, and the idle run's own TPOT p99 / p50
+(the noise floor) says how far apart two quiet figures already are. The SLO is relative to idle (TTFT <= slo_ttft x idle long
 TTFT, TPOT <= slo_tpot x idle TPOT, from the slower mode's idle figures, so both modes face the same
 bar; each mode's idle figure is the better of one run before and one after the load); attainment
 is the share of requests meeting both, goodput the highest rate with attainment >= 90%. The KV
@@ -78,7 +85,7 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, long: bool) -> dict:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     t0 = time.perf_counter()
@@ -87,16 +94,17 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int)
         async for line in r.aiter_lines():
             if line == "data: [DONE]":
                 ok = True
-            elif line.startswith("data: "):  # one chunk per token
+            elif line.startswith("data: "):
                 times.append(time.perf_counter() - t0)
     e2e = time.perf_counter() - t0
     ttft = times[0] if times else e2e
-    return {"long": len(prompt) > 100, "ok": ok and bool(times), "ttft": ttft, "e2e": e2e,
+    return {"long": long, "ok": ok and bool(times), "ttft": ttft, "e2e": e2e,
             "tpot": (e2e - ttft) / max(1, max_tokens - 1), "itl": list(np.diff(times))}
 
 
 async def load(url: str, rate: float, n: int, long_share: float, long_len: int, short_len: int, max_tokens: int,
-               seed: int) -> list[dict]:
+               seed: int, control: bool = False) -> list[dict]:
+    """Poisson arrivals; `control` replaces every long prompt by a short one (its "long" still marks the slot)."""
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, n)
     kinds = rng.random(n) < long_share
@@ -104,20 +112,22 @@ async def load(url: str, rate: float, n: int, long_share: float, long_len: int, 
         tasks = []
         for gap, is_long in zip(gaps, kinds):
             await asyncio.sleep(gap)
-            prompt = ("L" if is_long else "s") + "x" * ((long_len if is_long else short_len) - 2)
-            tasks.append(asyncio.create_task(one(client, url, prompt, max_tokens)))
+            real = is_long and not control
+            prompt = ("L" if real else "s") + "x" * ((long_len if real else short_len) - 2)
+            tasks.append(asyncio.create_task(one(client, url, prompt, max_tokens, bool(is_long))))
         return await asyncio.gather(*tasks)
 
 
 def idle(url: str, args) -> dict:
-    """One request at a time: short prompts' TPOT, long prompts' TTFT (medians of 5)."""
+    """One request at a time: short prompts' TPOT (median of --idle-requests), long prompts' TTFT (median of 5)."""
     async def run():
         async with httpx.AsyncClient(timeout=600) as client:
-            short = [await one(client, url, "s" + "x" * (args.short_len - 2), args.max_tokens) for _ in range(5)]
-            long = [await one(client, url, "L" + "x" * (args.long_len - 2), args.max_tokens) for _ in range(5)]
+            short = [await one(client, url, "s" + "x" * (args.short_len - 2), args.max_tokens, False)
+                     for _ in range(args.idle_requests)]
+            long = [await one(client, url, "L" + "x" * (args.long_len - 2), args.max_tokens, True) for _ in range(5)]
             return short, long
     short, long = asyncio.run(run())
-    return {"tpot": float(np.median([r["tpot"] for r in short])),
+    return {"tpot": float(np.median([r["tpot"] for r in short])), "tpots": [r["tpot"] for r in short],
             "ttft_long": float(np.median([r["ttft"] for r in long])),
             "ttft_short": float(np.median([r["ttft"] for r in short]))}
 
@@ -146,11 +156,20 @@ def summarize(results: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
     return out
 
 
+def control_cols(s: dict, idle_tpot: float) -> str:
+    if "control_short_tpot_p99" not in s:
+        return "- | -"
+    return f"{s['short_tpot_p99'] / s['control_short_tpot_p99']:.2f} | {s['control_short_tpot_p99'] / idle_tpot:.2f}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0],
                     help="requests per second (steps of sqrt(2): a 2x goodput ratio shows on the grid)")
-    ap.add_argument("--requests", type=int, default=40, help="requests per rate")
+    ap.add_argument("--requests", type=int, default=32, help="requests per rate")
+    ap.add_argument("--idle-requests", type=int, default=20, help="short requests one at a time for idle TPOT")
+    ap.add_argument("--control", nargs="*", default=["colocated", "disaggregated"],
+                    help="modes that also run the short-only control at each rate")
     ap.add_argument("--long-share", type=float, default=0.25)
     ap.add_argument("--long-len", type=int, default=2048, help="long prompt tokens (byte tokenizer: characters)")
     ap.add_argument("--short-len", type=int, default=64)
@@ -178,16 +197,20 @@ def main(argv=None):
             print(f"{mode}: idle TPOT {base['tpot'] * 1e3:.1f} ms, idle long TTFT {base['ttft_long'] * 1e3:.0f} ms",
                   flush=True)
             for rate in args.rates:
+                mix = dict(url=url, rate=rate, n=args.requests, long_share=args.long_share, long_len=args.long_len,
+                           short_len=args.short_len, max_tokens=args.max_tokens, seed=int(rate * 1000))
                 kv0, ttft0 = (metric_sum(url, f"dist_serve_{m}_sum") for m in ("kv_transfer_seconds", "ttft_seconds"))
-                results = asyncio.run(load(url, rate, args.requests, args.long_share, args.long_len, args.short_len,
-                                           args.max_tokens, seed=int(rate * 1000)))
+                results = asyncio.run(load(**mix))
                 kv1, ttft1 = (metric_sum(url, f"dist_serve_{m}_sum") for m in ("kv_transfer_seconds", "ttft_seconds"))
                 share = (kv1 - kv0) / max(ttft1 - ttft0, 1e-9)
-                runs[mode]["rates"][rate] = {"results": results, "kv_share_of_ttft": share}
+                control = asyncio.run(load(**mix, control=True)) if mode in args.control else None
+                runs[mode]["rates"][rate] = {"results": results, "kv_share_of_ttft": share, "control": control}
                 print(f"  {mode} rate {rate}: done", flush=True)
             after = idle(url, args)  # idle again: a figure caught while the machine was busy elsewhere would set the bar
             runs[mode]["idle_before"] = runs[mode]["idle"]
-            runs[mode]["idle"] = {k: min(v, after[k]) for k, v in runs[mode]["idle"].items()}
+            tpots = runs[mode]["idle"]["tpots"] + after["tpots"]  # both quiet runs: how far apart idle figures lie
+            runs[mode]["idle"] = {k: min(v, after[k]) for k, v in runs[mode]["idle"].items() if k != "tpots"}
+            runs[mode]["idle"]["noise_p99_p50"] = pct(tpots, 99) / pct(tpots, 50)
             print(f"{mode}: idle TPOT after the load {after['tpot'] * 1e3:.1f} ms", flush=True)
         finally:
             stop(proc)
@@ -202,6 +225,9 @@ def main(argv=None):
         for rate, r in run["rates"].items():
             table[mode]["rates"][rate] = {**summarize(r["results"], slo_ttft, slo_tpot),
                                           "kv_share_of_ttft": r["kv_share_of_ttft"]}
+            if r["control"] is not None:  # the same requests' short TPOT p99 with no long prompt anywhere
+                table[mode]["rates"][rate]["control_short_tpot_p99"] = summarize(r["control"], slo_ttft,
+                                                                                 slo_tpot)["short_tpot_p99"]
         good = [rate for rate, s in table[mode]["rates"].items() if s["attainment"] >= 0.9]
         table[mode]["goodput_rps"] = max(good) if good else 0.0
 
@@ -213,9 +239,11 @@ def main(argv=None):
              f"{args.chunk_tokens} tokens; serve.pin_cores = {bool(args.pin_cores)}.",
              f"SLO: TTFT <= {slo_ttft * 1e3:.0f} ms ({args.slo_ttft}x idle long TTFT), TPOT <= {slo_tpot * 1e3:.1f} ms "
              f"({args.slo_tpot}x idle TPOT), both from the slower mode's idle run.", "",
+             "Short TPOT p99 / idle = (/ control: the long prompts' interference) x (control / idle: batching and "
+             "core sharing); the noise floor (idle TPOT p99 / p50) is under the table.", "",
              "| mode | rate/s | attain | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | E2E p50/p99 s | "
-             "short TPOT p99 / idle | KV share of TTFT | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "short TPOT p99 / idle | KV share of TTFT | failed | short TPOT p99 / control | control / idle |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode in table:
         idle_tpot = table[mode]["idle"]["tpot"]
         for rate, s in table[mode]["rates"].items():
@@ -223,20 +251,24 @@ def main(argv=None):
                          f"{s['ttft_p99'] * 1e3:.0f} | {s['tpot_p50'] * 1e3:.1f} / {s['tpot_p99'] * 1e3:.1f} | "
                          f"{s['itl_p50'] * 1e3:.1f} / {s['itl_p99'] * 1e3:.1f} | {s['e2e_p50']:.2f} / "
                          f"{s['e2e_p99']:.2f} | {s['short_tpot_p99'] / idle_tpot:.2f} | "
-                         f"{s['kv_share_of_ttft']:.1%} | {s['failed']} |")
+                         f"{s['kv_share_of_ttft']:.1%} | {s['failed']} | {control_cols(s, idle_tpot)} |")
     d, c = table["disaggregated"], table["colocated"]
     ratio = f"{d['goodput_rps'] / c['goodput_rps']:.2f}" if c["goodput_rps"] else "n/a (colocated 0)"
     lines += ["", f"Idle TPOT: disaggregated {d['idle']['tpot'] * 1e3:.1f} ms, "
-                  f"colocated {c['idle']['tpot'] * 1e3:.1f} ms.",
+                  f"colocated {c['idle']['tpot'] * 1e3:.1f} ms; noise floor (idle TPOT p99 / p50 over "
+                  f"{2 * args.idle_requests} one-at-a-time short requests): disaggregated "
+                  f"{d['idle']['noise_p99_p50']:.2f}, colocated {c['idle']['noise_p99_p50']:.2f}.",
               f"Goodput (highest rate with >= 90% attainment): disaggregated {d['goodput_rps']:g}/s, colocated "
               f"{c['goodput_rps']:g}/s, ratio {ratio}."]
     text = "\n".join(lines) + "\n"
     print(text)
-    per_request = {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
-                                 for key in ("long", "ok", "ttft", "tpot", "e2e")} for x in v["results"]]
-                       for k, v in r["rates"].items()} for m, r in runs.items()}
+    per_request = {part: {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
+                                        for key in ("long", "ok", "ttft", "tpot", "e2e")} for x in v[part]]
+                              for k, v in r["rates"].items() if v[part] is not None} for m, r in runs.items()}
+                   for part in ("results", "control")}
     write_results(args.out, {"args": vars(args), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "summary": table,
-                             "requests": per_request}, text, indent=None)
+                             "requests": per_request["results"], "control_requests": per_request["control"]},
+                  text, indent=None)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -445,3 +445,67 @@ def test_requests_that_finish_at_their_first_token_free_every_page():
     out, workers = run_workers("disaggregated", reqs)
     assert [r[1:] for r in out.values()] == [(1, "length"), (1, "length"), (5, "length")]
     assert all(w.cache.manager.num_free == w.cache.manager.num_blocks for w in workers.values())
+
+
+def _api_with_queued_events(events_of):
+    """The HTTP app over a stand-in router whose every request already holds all its events (events_of(prompt,
+    params) -> list of Event): the stream reads them as a client that fell behind would find them."""
+    from fastapi.testclient import TestClient
+
+    from dist.disagg.api import Metrics, build_app
+    from dist.disagg.router import Handle
+
+    class QueuedRouter:
+        healthy, dead = True, {}
+
+        def submit(self, prompt, params):
+            h = Handle(1, prompt, params, need=1)
+            for ev in events_of(prompt, params):
+                h.events.put_nowait(ev)
+            return h
+
+        def abort(self, h):
+            pass
+
+    app = build_app(QueuedRouter(), "tiny", ByteTokenizer(), ServeConfig(), 256, Metrics())
+    return TestClient(app)
+
+
+def _sse_chunks(client, body):
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_stream_behind_gets_the_waiting_tokens_in_one_chunk():
+    """Tokens that queued up while the stream was not reading go out as one SSE chunk (not one per token); its
+    text, and the non-streaming answer's, equal the single-process greedy reference's."""
+    import json
+
+    from dist.disagg.channel import Event
+
+    model, tok = build_model("tiny", seed=0), ByteTokenizer()
+    want = reference_greedy(model, tok.encode("behind"), 12)
+
+    def events_of(prompt, params):  # what a worker reports for these tokens
+        seq, out = Sequence(1, prompt, params), []
+        for t in want:
+            delta, finish = seq.append(t, tok)
+            out.append(Event(1, delta, len(seq.output), finish))
+        return out
+
+    client = _api_with_queued_events(events_of)
+    body = {"model": "tiny", "prompt": "behind", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    chunks = _sse_chunks(client, body)
+    assert chunks[-1] == "[DONE]" and len(chunks) == 2, chunks
+    choice = json.loads(chunks[0])["choices"][0]
+    assert choice["text"] == tok.decode(want) and choice["finish_reason"] == "length"
+    plain = client.post("/v1/completions", json=body).json()
+    assert plain["choices"][0]["text"] == tok.decode(want) and plain["usage"]["completion_tokens"] == 12
+
+    # a worker error after some tokens: those tokens go out first, then the error event, and no [DONE]
+    client = _api_with_queued_events(lambda p, s: [*events_of(p, s)[:6], Event(1, finish="error", error="boom")])
+    chunks = _sse_chunks(client, body)
+    sent = "".join(ev.text for ev in events_of(tok.encode("behind"), SamplingParams(12, ignore_eos=True))[:6])
+    assert sent and json.loads(chunks[0])["choices"][0]["text"] == sent
+    assert json.loads(chunks[1])["error"]["code"] == "worker_error" and len(chunks) == 2

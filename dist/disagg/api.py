@@ -169,20 +169,38 @@ def build_app(router, model_name: str, tokenizer, serve_cfg, max_model_len: int,
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
+    def timed_out(h) -> ApiError:
+        router.abort(h)
+        metrics.requests.labels("timeout").inc()
+        return ApiError(503, f"the request did not finish within serve.request_timeout_s = {timeout_s} s",
+                        code="timeout")
+
     async def events(h, deadline: float):
-        """The request's events until it finishes; ApiError(503) past the deadline or on a worker error."""
+        """The request's events until it finishes, in lists: all that arrived since the last list, so a reader
+        that fell behind (a slow client, a busy event loop) catches up in one chunk, not one per token.
+        ApiError(503) past the deadline or on a worker error (after the events before it)."""
         while True:
-            try:
-                ev = await asyncio.wait_for(h.events.get(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                router.abort(h)
-                metrics.requests.labels("timeout").inc()
-                raise ApiError(503, f"the request did not finish within serve.request_timeout_s = {timeout_s} s",
-                               code="timeout") from None
-            if ev.finish == "error":
-                raise ApiError(503, ev.error, code="worker_error")
-            yield ev
-            if ev.finish:
+            if h.events.empty():  # wait_for costs a task and a timer: only when there is nothing to take
+                try:
+                    ev = await asyncio.wait_for(h.events.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise timed_out(h) from None
+            elif time.monotonic() > deadline:
+                raise timed_out(h)
+            else:
+                ev = h.events.get_nowait()
+            batch = []
+            while True:
+                if ev.finish == "error":
+                    if batch:
+                        yield batch
+                    raise ApiError(503, ev.error, code="worker_error")
+                batch.append(ev)
+                if ev.finish or h.events.empty():
+                    break
+                ev = h.events.get_nowait()
+            yield batch
+            if batch[-1].finish:
                 return
 
     async def complete(request: Request, chat: bool):
@@ -205,9 +223,9 @@ def build_app(router, model_name: str, tokenizer, serve_cfg, max_model_len: int,
         if not stream:
             text, finish, tokens = [], None, 0
             try:
-                async for ev in events(h, deadline):
-                    text.append(ev.text)
-                    finish, tokens = ev.finish, ev.tokens
+                async for batch in events(h, deadline):
+                    text += [ev.text for ev in batch]
+                    finish, tokens = batch[-1].finish, batch[-1].tokens
             finally:
                 router.abort(h)  # no-op when finished; frees the request when the client left
             text = "".join(text)
@@ -221,11 +239,14 @@ def build_app(router, model_name: str, tokenizer, serve_cfg, max_model_len: int,
         async def sse():
             first = True
             try:
-                async for ev in events(h, deadline):
+                async for batch in events(h, deadline):
+                    text = "".join(ev.text for ev in batch)
                     chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
-                             "model": model_name, "choices": [choice(ev.text, ev.finish, first)]}
+                             "model": model_name, "choices": [choice(text, batch[-1].finish, first)]}
                     first = False
-                    yield f"data: {json.dumps(chunk)}\n\n"  # one chunk per token (text may wait for a whole character)
+                    # one chunk per token while the reader keeps up; the tokens since the last chunk when it fell
+                    # behind (text may wait for a whole character)
+                    yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             except ApiError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
