@@ -288,6 +288,50 @@ def test_out_of_pages_waits_instead_of_failing():
     assert few == plenty and all(r[2] == "length" for r in few.values())
 
 
+def test_a_worker_keeps_decoding_while_the_router_is_not_reading():
+    """A report's send completes only once the router takes it (gloo point-to-point does), and the decode loop
+    must not wait for that: with the router not reading, the worker still runs every step of the request;
+    the reports it then gets carry the single-process greedy reference's text."""
+    model, tok = build_model("tiny", seed=0), ByteTokenizer()
+    cache = PagedKVCache(KVLayout.of(model.config, 4, torch.float32), 64)
+    router_end, worker_end = LocalChannel.pair(timeout_s=30)
+    reading = threading.Event()
+
+    class HeldLink:  # the worker's end of the control link: a send returns once the router reads
+        def send(self, obj):
+            assert reading.wait(60)
+            worker_end.send(obj)
+
+        def recv(self):
+            return worker_end.recv()
+
+    class CountingRunner(Runner):
+        steps = 0
+
+        def decode(self, *args):
+            CountingRunner.steps += 1
+            return super().decode(*args)
+
+    w = Worker(1, prefills=True, decodes=True, runner=CountingRunner(model, cache), tokenizer=tok,
+               ctrl=HeldLink(), senders={}, max_batch=8, chunk_tokens=5)
+    th = threading.Thread(target=w.run, daemon=True)
+    th.start()
+    router_end.send(Request(0, tok.encode("held"), SamplingParams(max_tokens=10, temperature=0), 1))
+    deadline = time.monotonic() + 60
+    while CountingRunner.steps < 9 and time.monotonic() < deadline:  # token 1 from the prompt, 2..10 decoded
+        time.sleep(0.01)
+    assert CountingRunner.steps == 9, "the worker waited for the router to read its reports"
+    reading.set()
+    text, finish = "", None
+    while finish is None:
+        for ev in router_end.recv().events:
+            text, finish = text + ev.text, ev.finish
+    assert (text, finish) == (tok.decode(reference_greedy(model, tok.encode("held"), 10)), "length")
+    router_end.send(Stop())
+    th.join(30)
+    assert not th.is_alive()
+
+
 # ---------------------------------------------------------------- a prefill group (ring attention)
 
 def _ring_prefill(rank, world, n_tokens):
@@ -477,6 +521,19 @@ def _sse_chunks(client, body):
         return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
 
+def reference_events(prompt: str, max_tokens: int, rid: int = 1):
+    """The events a worker reports for the single-process greedy reference's tokens, and those tokens."""
+    from dist.disagg.channel import Event
+
+    model, tok = build_model("tiny", seed=0), ByteTokenizer()
+    want = reference_greedy(model, tok.encode(prompt), max_tokens)
+    seq, out = Sequence(rid, tok.encode(prompt), SamplingParams(max_tokens, temperature=0, ignore_eos=True)), []
+    for t in want:
+        delta, finish = seq.append(t, tok)
+        out.append(Event(rid, delta, len(seq.output), finish))
+    return out, want
+
+
 def test_a_stream_behind_gets_the_waiting_tokens_in_one_chunk():
     """Tokens that queued up while the stream was not reading go out as one SSE chunk (not one per token); its
     text, and the non-streaming answer's, equal the single-process greedy reference's."""
@@ -484,15 +541,11 @@ def test_a_stream_behind_gets_the_waiting_tokens_in_one_chunk():
 
     from dist.disagg.channel import Event
 
-    model, tok = build_model("tiny", seed=0), ByteTokenizer()
-    want = reference_greedy(model, tok.encode("behind"), 12)
+    tok = ByteTokenizer()
+    ref, want = reference_events("behind", 12)
 
-    def events_of(prompt, params):  # what a worker reports for these tokens
-        seq, out = Sequence(1, prompt, params), []
-        for t in want:
-            delta, finish = seq.append(t, tok)
-            out.append(Event(1, delta, len(seq.output), finish))
-        return out
+    def events_of(prompt, params):
+        return ref
 
     client = _api_with_queued_events(events_of)
     body = {"model": "tiny", "prompt": "behind", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -506,6 +559,31 @@ def test_a_stream_behind_gets_the_waiting_tokens_in_one_chunk():
     # a worker error after some tokens: those tokens go out first, then the error event, and no [DONE]
     client = _api_with_queued_events(lambda p, s: [*events_of(p, s)[:6], Event(1, finish="error", error="boom")])
     chunks = _sse_chunks(client, body)
-    sent = "".join(ev.text for ev in events_of(tok.encode("behind"), SamplingParams(12, ignore_eos=True))[:6])
+    sent = "".join(ev.text for ev in ref[:6])
     assert sent and json.loads(chunks[0])["choices"][0]["text"] == sent
     assert json.loads(chunks[1])["error"]["code"] == "worker_error" and len(chunks) == 2
+
+
+def test_router_keeps_token_order_across_the_two_workers_links():
+    """The prefill worker's first token and the decode worker's next ones come over separate links; when the
+    decode worker's overtake it, the stream still carries the reference's text in order."""
+    from dist.disagg.api import Metrics
+    from dist.disagg.router import Router
+
+    class Link:
+        def send(self, msg):
+            pass
+
+    roles = Roles.from_config(ServeConfig(), 3)  # router 0, prefill 1, decode 2
+    router = Router(roles, {1: Link(), 2: Link()}, ServeConfig(), Metrics(), block_size=4)
+    events, want = reference_events("order", 6)
+    tok = ByteTokenizer()
+    h = router.submit(tok.encode("order"), SamplingParams(6, temperature=0, ignore_eos=True))
+    for ev in events:
+        ev.rid = h.rid
+    router._on_report(Report(2, events[1:3]))  # decode worker: tokens 2 and 3, before the first arrived
+    router._on_report(Report(1, events[:1]))   # prefill worker: token 1
+    router._on_report(Report(2, events[3:]))
+    got = [h.events.get_nowait() for _ in range(h.events.qsize())]
+    assert [ev.tokens for ev in got] == [1, 2, 3, 4, 5, 6]
+    assert "".join(ev.text for ev in got) == tok.decode(want) and got[-1].finish == "length" and h.done

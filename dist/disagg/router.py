@@ -41,6 +41,7 @@ class Handle:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
     done: bool = False
+    early: list = field(default_factory=list)  # decode worker's events that overtook the prefill worker's first
 
 
 class Router:
@@ -168,7 +169,6 @@ class Router:
         m.kv_blocks_used.labels(rank).set(report.blocks_used)
         if report.stopped:
             self.stopped.add(report.rank)
-        now = time.perf_counter()
         for ev in report.events:
             if ev.kv_bytes:  # a prefill worker's KV reached the decode worker: metrics only
                 m.kv_bytes.inc(ev.kv_bytes)
@@ -177,17 +177,28 @@ class Router:
             h = self.live.get(ev.rid)
             if h is None:
                 continue  # aborted or finished meanwhile
-            if ev.tokens and not h.t_first:
-                h.t_first = now
-                self.prefilling[h.prefill] -= 1
-                m.ttft.observe(now - h.t_submit)
-            if ev.finish:
-                if ev.tokens > 1 and ev.finish != "error":
-                    m.tpot.observe((now - h.t_first) / (ev.tokens - 1))
-                m.requests.labels(ev.finish).inc()
-            h.events.put_nowait(ev)
-            if ev.finish:
-                self._finish(h)
+            if report.rank != h.prefill and not h.t_first and ev.finish != "error":
+                # the two workers report on separate links: the decode worker's second token can reach us
+                # before the prefill worker's first; hold it until the first is here
+                h.early.append(ev)
+                continue
+            self._deliver(h, ev)
+            while h.early and h.t_first and not h.done:
+                self._deliver(h, h.early.pop(0))
+
+    def _deliver(self, h: Handle, ev: Event) -> None:
+        m, now = self.metrics, time.perf_counter()
+        if ev.tokens and not h.t_first:
+            h.t_first = now
+            self.prefilling[h.prefill] -= 1
+            m.ttft.observe(now - h.t_submit)
+        if ev.finish:
+            if ev.tokens > 1 and ev.finish != "error":
+                m.tpot.observe((now - h.t_first) / (ev.tokens - 1))
+            m.requests.labels(ev.finish).inc()
+        h.events.put_nowait(ev)
+        if ev.finish:
+            self._finish(h)
 
     def _on_gone(self, rank: int, why: str) -> None:
         if rank in self.dead or rank in self.stopped:

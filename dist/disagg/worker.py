@@ -8,7 +8,8 @@ running batch when their KV lands and leave it the step they finish: continuous 
 A prompt whose decode rank is another worker streams its KV to that worker layer by layer while it
 runs (the pair's KVSender); its pages are freed when the transfer is DONE. Everything the worker
 learns (new requests, aborts, KV that arrived) comes through one inbox, so the loop is the only
-writer of its state.
+writer of its state. What it tells the router (one Report per step with events) leaves through an
+outbox on its own thread: a step never waits for the router to take the previous report.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Worker:
         self.max_batch = max_batch
         self.chunk_tokens = chunk_tokens if decodes else 1 << 62  # a prefill-only worker runs whole prompts
         self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()    # Reports for the router (sent by _send_reports)
         self.waiting: deque[Sequence] = deque()     # to prefill (head may be part-way through its prompt)
         self.running: list[Sequence] = []           # decoding
         self.sending: list[KVTransfer] = []         # prefilled, KV on its way to the decode worker
@@ -72,6 +74,24 @@ class Worker:
                     return
         except PeerGone as e:
             self.inbox.put(("gone", str(e)))
+
+    def _send_reports(self) -> None:
+        """The loop's reports to the router, from this thread: a point-to-point send completes only once the
+        router's receiver took it, and the decode step must not wait on the router's process being scheduled.
+        Reports that queued up meanwhile go as one (all their events, the latest counts)."""
+        while True:
+            reports = [self.outbox.get()]
+            while not self.outbox.empty():
+                reports.append(self.outbox.get_nowait())
+            last = reports[-1]
+            try:
+                self.ctrl.send(Report(last.rank, [ev for r in reports for ev in r.events], last.waiting,
+                                      last.running, last.blocks_used, last.stopped))
+            except PeerGone as e:
+                self.inbox.put(("gone", str(e)))
+                return
+            if last.stopped:
+                return
 
     def _drain(self, timeout: float) -> None:
         try:
@@ -109,6 +129,8 @@ class Worker:
 
     def run(self) -> None:
         threading.Thread(target=self._read_ctrl, name="ctrl-recv", daemon=True).start()
+        reporter = threading.Thread(target=self._send_reports, name="ctrl-send", daemon=True)
+        reporter.start()
         last_report, batch = 0.0, Batch()
         while True:
             # after a step that ran, look at the inbox without waiting; with work that cannot run yet (pages
@@ -130,6 +152,7 @@ class Worker:
         for receiver in self.receivers:
             receiver.thread.join(timeout=10)  # until its prefill worker closed the link
         self.report(stopped=True)
+        reporter.join(timeout=30)
 
     def schedule(self) -> Batch:
         batch = Batch()
@@ -229,6 +252,6 @@ class Worker:
 
     def report(self, stopped: bool = False) -> None:
         self.runner.heartbeat()  # keeps a prefill group's followers inside their collective timeout
-        self.ctrl.send(Report(self.rank, self.events, len(self.waiting), len(self.running),
-                              self.cache.manager.num_used, stopped))
+        self.outbox.put(Report(self.rank, self.events, len(self.waiting), len(self.running),
+                               self.cache.manager.num_used, stopped))
         self.events = []
