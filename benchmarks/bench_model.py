@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, now, results_at, write_results  # noqa: E402
+from benchmarks.common import RESULTS, free_port, machine, now, results_at, write_results  # noqa: E402
 from dist import comm  # noqa: E402
 from dist.kernels import attention_backward, attention_forward, merge_attention  # noqa: E402
 from dist.plan import SP_STRATEGIES, diag_tail  # noqa: E402
@@ -273,9 +272,7 @@ def _spawn(task, args, world):
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.pt")
         try:

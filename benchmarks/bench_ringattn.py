@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, now, results_at, write_results  # noqa: E402
+from benchmarks.common import RESULTS, free_port, machine, now, results_at, write_results  # noqa: E402
 from dist import comm  # noqa: E402
 from dist.kernels import attention  # noqa: E402
 from dist.ringattn import diag_tail, shard  # noqa: E402
@@ -293,11 +292,6 @@ def _spawned(rank, world, args, port, out_path):
     finally:
         dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(row) -> str:

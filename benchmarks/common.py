@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -51,6 +52,13 @@ def machine(load_start: float | None = None) -> str:
     parts.append(f"load average {load:.1f}" if load_start is None
                  else f"load average {load_start:.1f} at the start, {load:.1f} at the end")
     return ", ".join(parts)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a job the benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _plain(x):
