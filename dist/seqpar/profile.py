@@ -156,6 +156,7 @@ def node_probe(rank: int, world: int, init: str, args, lengths: list[int], out: 
                 json.dump({"times": [statistics.mean(t[i] for t in gathered) for i in range(len(lengths))],
                            "pass_len": pass_len, "passes": passes, "packed": packed,
                            "step_s": statistics.median(step[2:])}, f)
+        dist.barrier()  # no rank tears its pairs down while another still uses them (an abort at exit)
     finally:
         dist.destroy_process_group()
 
