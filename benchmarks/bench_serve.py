@@ -19,7 +19,10 @@ requests' TPOT p99 in the control is the interference ratio, and the idle run's 
 (the noise floor) says how far apart two quiet figures already are. The SLO is relative to idle (TTFT <= slo_ttft x idle long
 TTFT, TPOT <= slo_tpot x idle TPOT, from the slower mode's idle figures, so both modes face the same
 bar; each mode's idle figure is the better of one run before and one after the load); attainment
-is the share of requests meeting both, goodput the highest rate with attainment >= 90%. The KV
+is the share of requests meeting both, goodput the highest rate of the grid up to which every rate
+has attainment >= 90% (a rate that passes above one that failed is noise, not capacity). As in
+DistServe, goodput is also reported with both SLOs scaled together (--slo-scales), since what
+separates the modes depends on how tight the bar is. The KV
 transfer share of TTFT comes from the server's own histograms (/metrics). Writes
 results/bench_serve.json, a dated markdown table and a plot of attainment against rate. On CPU only
 ratios mean anything.
@@ -150,6 +153,16 @@ def summarize(results: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
     return out
 
 
+def goodput(attainment: dict[float, float]) -> float:
+    """The highest rate up to which every rate of the grid meets the SLO for >= 90% of requests (0: none)."""
+    best = 0.0
+    for rate in sorted(attainment):
+        if attainment[rate] < 0.9:
+            break
+        best = rate
+    return best
+
+
 def control_cols(s: dict, idle_tpot: float) -> str:
     if "control_short_tpot_p99" not in s:
         return "- | -"
@@ -158,7 +171,7 @@ def control_cols(s: dict, idle_tpot: float) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0],
+    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.3, 16.0],
                     help="requests per second (steps of sqrt(2): a 2x goodput ratio shows on the grid)")
     ap.add_argument("--requests", type=int, default=32, help="requests per rate")
     ap.add_argument("--idle-requests", type=int, default=20, help="short requests one at a time for idle TPOT")
@@ -170,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--slo-ttft", type=float, default=3.0, help="x idle long-prompt TTFT")
     ap.add_argument("--slo-tpot", type=float, default=2.0, help="x idle TPOT")
+    ap.add_argument("--slo-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
+                    help="both SLOs scaled together for the goodput-by-scale table")
     ap.add_argument("--chunk-tokens", type=int, default=256, help="colocated chunked-prefill size")
     ap.add_argument("--pin-cores", type=int, default=1, help="serve.pin_cores in both modes (1: a core a worker)")
     ap.add_argument("--out", default="bench_serve")
@@ -222,8 +237,10 @@ def main(argv=None):
             if r["control"] is not None:  # the same requests' short TPOT p99 with no long prompt anywhere
                 table[mode]["rates"][rate]["control_short_tpot_p99"] = summarize(r["control"], slo_ttft,
                                                                                  slo_tpot)["short_tpot_p99"]
-        good = [rate for rate, s in table[mode]["rates"].items() if s["attainment"] >= 0.9]
-        table[mode]["goodput_rps"] = max(good) if good else 0.0
+        table[mode]["goodput_rps"] = goodput({rate: s["attainment"] for rate, s in table[mode]["rates"].items()})
+        table[mode]["goodput_by_scale"] = {
+            scale: goodput({rate: summarize(r["results"], scale * slo_ttft, scale * slo_tpot)["attainment"]
+                            for rate, r in run["rates"].items()}) for scale in args.slo_scales}
 
     lines = [f"# bench_serve {today()}", "",
              f"Machine: {machine(load_start)} (other jobs share the machine); "
@@ -252,8 +269,14 @@ def main(argv=None):
                   f"colocated {c['idle']['tpot'] * 1e3:.1f} ms; noise floor (idle TPOT p99 / p50 over "
                   f"{2 * args.idle_requests} one-at-a-time short requests): disaggregated "
                   f"{d['idle']['noise_p99_p50']:.2f}, colocated {c['idle']['noise_p99_p50']:.2f}.",
-              f"Goodput (highest rate with >= 90% attainment): disaggregated {d['goodput_rps']:g}/s, colocated "
-              f"{c['goodput_rps']:g}/s, ratio {ratio}."]
+              f"Goodput (highest rate up to which every rate has >= 90% attainment): disaggregated "
+              f"{d['goodput_rps']:g}/s, colocated {c['goodput_rps']:g}/s, ratio {ratio}.", "",
+              "Goodput with both SLOs scaled (scale 1 = the SLO above):", "",
+              "| SLO scale | TTFT ms | TPOT ms | disaggregated req/s | colocated req/s | ratio |", "|---|---|---|---|---|---|"]
+    for scale in args.slo_scales:
+        gd, gc = d["goodput_by_scale"][scale], c["goodput_by_scale"][scale]
+        lines.append(f"| {scale:g} | {scale * slo_ttft * 1e3:.0f} | {scale * slo_tpot * 1e3:.1f} | {gd:g} | {gc:g} | "
+                     + (f"{gd / gc:.2f} |" if gc else ("n/a |" if not gd else f"> {gd / min(args.rates):.2f} |")))
     text = "\n".join(lines) + "\n"
     print(text)
     per_request = {part: {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
