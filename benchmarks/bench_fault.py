@@ -5,9 +5,10 @@
 
 Parts:
 - step: a 112M-parameter Llama (vocab 32000, dim 768, 10 layers) on 2 CPU ranks (torchrun, gloo, torch
-  AdamW engine), steps interleaved round by round in one run: snapshots off; snapshots every step
-  (dist.fault); torch.distributed.checkpoint.async_save every step (the peer; each save waits for the
-  previous one, as its docs recommend). Median step time and spread per mode; overhead ratios vs off;
+  AdamW engine), steps interleaved round by round in one run: snapshots off; a plain background copy of
+  the same bytes each step (the control: what any copy to host memory costs the step on this machine);
+  snapshots every step (dist.fault); torch.distributed.checkpoint.async_save every step (the peer; each
+  save waits for the previous one, as its docs recommend). Median step time and spread per mode; overhead ratios vs off;
   the CPU seconds the snapshot thread uses per snapshot. 256 tokens per rank.
 - steplong: the same at --seq-long (1024) tokens per rank: a snapshot costs the same, the step is longer.
 - codec: encode and rebuild GB/s of each code (dist.fault.codec) over a group of 4 x 64 MiB blobs,
@@ -47,6 +48,9 @@ BIG = dict(vocab_size=32000, dim=768, n_layers=10, n_heads=12, n_kv_heads=4, ffn
 # ---------------------------------------------------------------- step time (a torchrun worker)
 
 def step_worker(args) -> None:
+    import threading
+
+    import numpy as np
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -67,7 +71,30 @@ def step_worker(args) -> None:
     g = torch.Generator().manual_seed(rt.rank)
     ids = torch.randint(0, BIG["vocab_size"], (1, args.seq + 1), generator=g)
     ckdir = os.path.join(args.workdir, "dcp")
-    pending = None
+    # async_save's background thread runs collectives: on the training group they could interleave with the
+    # step's all-reduce and deadlock, so it gets a gloo group of its own (as torch's async recipe does)
+    dcp_pg = dist.new_group(backend="gloo")
+    pending = copier = None
+    # the "copy" control: the bytes a snapshot copies (this rank's 1/world slice of the replicated model and
+    # AdamW state) copied by a plain low-priority thread, nothing else: what any copy to host memory costs here
+    sink = []
+
+    def copy_slice():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # as the snapshot thread
+        live = list(model.parameters()) + [v for st in engine.optimizer.state.values() for v in st.values()
+                                           if torch.is_tensor(v) and v.dim()]
+        flat = [t.detach().reshape(-1).view(torch.uint8).numpy() for t in live]
+        total = sum(len(a) for a in flat)
+        lo, hi = rt.rank * total // rt.world_size, (rt.rank + 1) * total // rt.world_size
+        if not sink:
+            sink.append(np.empty(hi - lo, dtype=np.uint8))
+        off = 0
+        for a in flat:
+            a0, a1 = max(lo, off), min(hi, off + len(a))
+            if a0 < a1:
+                np.copyto(sink[0][a0 - lo:a1 - lo], a[a0 - off:a1 - off])
+            off += len(a)
+
     times = {m: [] for m in args.modes}
     step, cpu0, snaps0 = 0, 0.0, 0
     for rnd in range(args.rounds + 1):  # round 0 is warm-up (and the first touch of the snapshot buffers)
@@ -81,19 +108,28 @@ def step_worker(args) -> None:
                 F.cross_entropy(logits[0], ids[0, 1:]).backward()
                 if mode == "snapshot":
                     snaps.wait_copied()
+                elif copier is not None:
+                    copier.join()
+                    copier = None
                 engine.step(1e-4)
                 step += 1
                 if mode == "snapshot":
                     snaps.after_step(step)
+                elif mode == "copy":
+                    copier = threading.Thread(target=copy_slice, daemon=True)
+                    copier.start()
                 elif mode == "dcp":
                     if pending is not None:
                         pending.result()
                     pending = dcp.async_save({"model": model.state_dict(), "optim": engine.optimizer.state_dict()},
-                                             checkpoint_id=ckdir)
+                                             checkpoint_id=ckdir, process_group=dcp_pg)
                 dt = time.perf_counter() - t0
                 if rnd:
                     times[mode].append(dt)
             snaps.join()
+            if copier is not None:
+                copier.join()
+                copier = None
             if pending is not None:
                 pending.result()
                 pending = None
@@ -121,8 +157,9 @@ def run_step(args) -> dict:
            "--workdir", args.workdir, "--out-json", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    if r.returncode:
-        raise RuntimeError(r.stderr[-3000:])
+    if r.returncode:  # each rank's own error lines first: the tail is mostly torchrun's summary
+        lines = sorted((line for line in r.stderr.splitlines() if line.startswith("[rank")), key=lambda x: x[:8])
+        raise RuntimeError("\n".join(lines)[:6000] or r.stderr[-3000:])
     with open(out) as f:
         data = json.load(f)
     med = {m: statistics.median(t) for m, t in data["times"].items()}
@@ -316,6 +353,11 @@ def markdown(res: dict) -> str:
                   f"{s['snapshot_thread_cpu_s']:.3f} s = {100 * s['snapshot_cpu_over_step']:.1f}% of the median "
                   "step without snapshots. Both cores run the two ranks' compute, so this CPU time is taken "
                   "from the step.", ""]
+        if "copy" in s["modes"]:
+            lines[-1:-1] = ["copy: the control, a plain low-priority thread copying the same bytes into host memory "
+                            "each step and nothing else (no checksum, no commit, no shared memory): what any host "
+                            "copy costs this step here. Snapshot over copy: "
+                            f"{100 * ((1 + s['modes']['snapshot']['overhead_vs_off']) / (1 + s['modes']['copy']['overhead_vs_off']) - 1):+.1f}%.", ""]
     if "codec" in res:
         lines += ["## Codes (group of 4, data bytes per second)", "",
                   "| code | encode GB/s (min-max) | rebuild GB/s (min-max) | members rebuilt |", "|---|---|---|---|"]
@@ -394,7 +436,7 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
-    p.add_argument("--modes", default="off,snapshot,dcp", help=argparse.SUPPRESS)
+    p.add_argument("--modes", default="off,copy,snapshot,dcp", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.modes = args.modes.split(",")
     if args.worker == "step":
