@@ -146,6 +146,63 @@ def test_stop_strings_streamed_pieces_equal_the_final_text():
     assert seq.append(300, tok) == ("", None) and seq.append(ord("a"), tok) == ("\ufffda", None)
 
 
+WORDS = ["long", "context", "Grüße", "世界", "END", "ring", "é", "\n", "attention", "EN"]
+
+
+def _tokenizer(kind):
+    if kind == "byte":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dist.models.tokenizer import HFTokenizer
+
+    tok = Tokenizer(models.BPE())
+    if kind == "bytelevel":  # Llama-3 / GPT-2 style: tokens are byte strings, a character may span tokens
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:  # SentencePiece style: spaces as a marker the decoder turns back into spaces, not at the text's start
+        tok.pre_tokenizer, tok.decoder, alphabet = pre_tokenizers.Metaspace(), decoders.Metaspace(), []
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    return HFTokenizer(tok, tok.token_to_id("<s>"), tok.token_to_id("</s>"))
+
+
+@pytest.mark.parametrize("kind", ["byte", "bytelevel", "metaspace"])
+def test_streamed_text_equals_decoding_the_whole_output_at_a_cost_per_token(kind):
+    """Incremental detokenization: what streams is always a prefix of decoding the whole output (stop string
+    cut off), ends equal to it, and each token decodes a few tokens, not the output so far."""
+    import random
+
+    tok = _tokenizer(kind)
+    rng = random.Random(0)
+    text = "".join(rng.choice(WORDS) + rng.choice([" ", ""]) for _ in range(120))
+    ids = tok.encode(text, add_bos=False)
+    if kind == "byte":  # an id that is no byte decodes to U+FFFD on its own
+        ids[5:5] = [300]
+    decoded = []
+
+    class Counting:
+        eos_id = tok.eos_id
+
+        @staticmethod
+        def decode(x):
+            decoded.append(len(x))
+            return tok.decode(x)
+
+    for stop in ([], ["END"]):
+        seq, streamed, decoded[:] = Sequence(1, [tok.bos_id], SamplingParams(max_tokens=len(ids), stop=stop)), "", []
+        for i in ids:
+            delta, finish = seq.append(i, Counting)
+            streamed += delta
+            whole = tok.decode(seq.output)
+            reference = whole[:whole.find("END")] if stop and "END" in whole else whole
+            assert reference.startswith(streamed)
+            if finish:
+                break
+        assert finish == ("stop" if stop else "length") and streamed == seq.text == reference
+        assert sum(decoded) <= 12 * len(seq.output), (sum(decoded), len(seq.output))  # whole decodes: ~n^2 / 2
+
+
 # ---------------------------------------------------------------- KV transfer (in-process link)
 
 def _transfer_setup(generation_rx=0):

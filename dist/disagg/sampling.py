@@ -11,7 +11,6 @@ the same tokens whichever worker draws each of them (disaggregated and colocated
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -65,25 +64,39 @@ class Sequence:
     sent: int = 0           # characters of `text` already streamed
     blocks: list[int] = field(default_factory=list)
     n_cached: int = 0       # positions whose KV is in `blocks`
+    decoded: str = ""       # text of output[:read_end], whole characters only
+    window_start: int = 0   # output[window_start:read_end] is decoded again beside each new token
+    read_end: int = 0
 
     def append(self, token: int, tokenizer) -> tuple[str, str | None]:
-        """Add a sampled token; return (text to stream now, finish reason or None)."""
+        """Add a sampled token; return (text to stream now, finish reason or None).
+
+        Detokenized incrementally (as vLLM does): each token decodes only the window since the last
+        whole character, so a token costs the same at any output length; decoding the window with the
+        token before it keeps what a tokenizer does at a text's start (a SentencePiece leading space)
+        out of the difference."""
         self.output.append(token)
         finish = None
         if token == tokenizer.eos_id and not self.params.ignore_eos:
             self.output.pop()  # EOS is not part of the text
             finish = "stop"
-        text = tokenizer.decode(self.output)
+        before = tokenizer.decode(self.output[self.window_start:self.read_end])
+        new = tokenizer.decode(self.output[self.window_start:])[len(before):]
+        start = len(self.decoded)
+        # a trailing U+FFFD may be a character cut short: wait for its rest (a UTF-8 character spans <= 4 tokens)
+        if new and (not new.endswith("\ufffd") or len(self.output) - self.read_end >= 4):
+            self.decoded += new
+            self.window_start, self.read_end = self.read_end, len(self.output)
+            new = ""
+        text = self.decoded + new
         for s in self.params.stop:
-            cut = text.find(s)
+            cut = text.find(s, max(0, start - len(s) + 1))  # earlier text was searched before
             if cut >= 0:
                 text, finish = text[:cut], "stop"
         if finish is None and len(self.output) >= self.params.max_tokens:
             finish = "length"
-        if finish is None:  # hold back an unfinished UTF-8 character and a tail that may become a stop string
-            ready = len(text) - _holdback(text, self.params.stop)
-            if text.endswith("\ufffd"):  # maybe a character cut short: a UTF-8 character spans <= 4 tokens
-                ready = min(ready, len(os.path.commonprefix([text, tokenizer.decode(self.output[:-3])])))
+        if finish is None:  # hold back an unfinished character and a tail that may become a stop string
+            ready = min(len(text) - _holdback(text, self.params.stop), len(self.decoded))
         else:
             ready = len(text)
         self.text = text
