@@ -1,7 +1,7 @@
 """The serving placement search (python -m dist.disagg.plan) against measurements: ours on CPU, DistServe's.
 
-    python -m dist.disagg.plan --probe benchmarks/results/serve_probe_cpu.json   # once, under /work/bin/timed
-    python benchmarks/bench_serve.py                                              # the measured configurations
+    python -m dist.disagg.plan --probe benchmarks/results/serve_probe_cpu.json   # once, alone on the machine
+    python benchmarks/bench_serve.py --requests 96 --control --out bench_serve_96  # the measured configurations
     python benchmarks/bench_plan_serve.py --bench benchmarks/results/bench_serve_96.json   # this comparison
 
 (a) CPU at small scale: bench_serve measures 1 router + 2 workers as prefill + decode and as two colocated
@@ -47,14 +47,15 @@ def cpu_check(bench: dict, profile_path: str, requests: int) -> list[dict]:
         ranked = search(problem, [Instance("prefill")], [Instance("decode")], [Instance("colocated")], max_gpus=2)
         predicted = {"disaggregated": next(p for p in ranked if p.prefill and p.n_prefill == 1 and p.n_decode == 1),
                      "colocated": next(p for p in ranked if p.prefill is None and p.n_decode == 2)}
-        measured = {mode: bench["summary"][mode].get("goodput_by_scale", {}).get(str(scale),
-                                                                                   bench["summary"][mode]["goodput_rps"])
+        # goodput per scale; a bench file from before the scales has scale 1 only
+        measured = {mode: bench["summary"][mode]["goodput_by_scale"][str(scale)]
+                    if "goodput_by_scale" in bench["summary"][mode] else bench["summary"][mode]["goodput_rps"]
                     for mode in predicted}
         pick = max(predicted, key=lambda m: predicted[m].goodput)
         best = max(measured.values())
         rows.append({"scale": scale, "slo": slo, "predicted_rps": {m: p.goodput for m, p in predicted.items()},
                      "measured_rps": measured, "pick": pick, "best_measured": [m for m in measured if measured[m] == best],
-                     "pick_vs_best": measured[pick] / best if best else float("nan")})
+                     "pick_vs_best": measured[pick] / best if best else None})
     return {"scales": rows, "profile": fitted.source, "rates": args["rates"], "base_slo": base}
 
 
@@ -94,7 +95,7 @@ def main(argv=None):
              "| measured colocated | pick's measured / best |", "|---|---|---|---|---|---|---|"]
     for r in cpu["scales"]:
         p, m = r["predicted_rps"], r["measured_rps"]
-        ok = "no rate met" if r["pick_vs_best"] != r["pick_vs_best"] else f"{r['pick_vs_best']:.0%}"
+        ok = "no rate met" if r["pick_vs_best"] is None else f"{r['pick_vs_best']:.0%}"
         lines.append(f"| {r['scale']:g} | {p['disaggregated']:.2f} | {p['colocated']:.2f} | {r['pick']} "
                      f"| {m['disaggregated']:g} | {m['colocated']:g} | {ok} |")
     lines += ["", "Target: the pick's measured goodput >= 90% of the best measured at each scale.", "",

@@ -276,7 +276,8 @@ def main(argv=None):
     for scale in args.slo_scales:
         gd, gc = d["goodput_by_scale"][scale], c["goodput_by_scale"][scale]
         lines.append(f"| {scale:g} | {scale * slo_ttft * 1e3:.0f} | {scale * slo_tpot * 1e3:.1f} | {gd:g} | {gc:g} | "
-                     + (f"{gd / gc:.2f} |" if gc else ("n/a |" if not gd else f"> {gd / min(args.rates):.2f} |")))
+                     + (f"{gd / gc:.2f} |" if gc and gd else f"< {min(args.rates) / gc:.2f} |" if gc
+                        else f"> {gd / min(args.rates):.2f} |" if gd else "n/a |"))
     text = "\n".join(lines) + "\n"
     print(text)
     per_request = {part: {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
