@@ -177,8 +177,10 @@ def test_streamed_text_equals_decoding_the_whole_output_at_a_cost_per_token(kind
     rng = random.Random(0)
     text = "".join(rng.choice(WORDS) + rng.choice([" ", ""]) for _ in range(120))
     ids = tok.encode(text, add_bos=False)
-    if kind == "byte":  # an id that is no byte decodes to U+FFFD on its own
-        ids[5:5] = [300]
+    if kind == "byte":  # an id that is no byte, and bytes that break or start UTF-8 characters (a model's output)
+        for at in sorted(rng.sample(range(len(ids)), 40), reverse=True):
+            ids[at:at] = [rng.choice([300, 0x80, 0xBF, 0xC3, 0xCA, 0xE4, 0xF0, 0xFF])]
+        ids[9:9] = [ord("a"), 0xFF, 0x80, 0xFF, 0xCA, 0xA9]  # broken bytes, then a character they do not break
     decoded = []
 
     class Counting:

@@ -83,8 +83,9 @@ class Sequence:
         before = tokenizer.decode(self.output[self.window_start:self.read_end])
         new = tokenizer.decode(self.output[self.window_start:])[len(before):]
         start = len(self.decoded)
-        # a trailing U+FFFD may be a character cut short: wait for its rest (a UTF-8 character spans <= 4 tokens)
-        if new and (not new.endswith("\ufffd") or len(self.output) - self.read_end >= 4):
+        # a trailing U+FFFD may be a character cut short: wait until text follows it, so the window always
+        # starts on a character boundary and the text equals decoding the whole output
+        if new and not new.endswith("\ufffd"):
             self.decoded += new
             self.window_start, self.read_end = self.read_end, len(self.output)
             new = ""
@@ -95,8 +96,9 @@ class Sequence:
                 text, finish = text[:cut], "stop"
         if finish is None and len(self.output) >= self.params.max_tokens:
             finish = "length"
-        if finish is None:  # hold back an unfinished character and a tail that may become a stop string
-            ready = min(len(text) - _holdback(text, self.params.stop), len(self.decoded))
+        if finish is None:  # hold back a tail that may become a stop string, and the one character that may
+            # still change: a trailing U+FFFD (an unfinished character; those before it are final)
+            ready = min(len(text) - _holdback(text, self.params.stop), len(text) - 1 if new else len(text))
         else:
             ready = len(text)
         self.text = text
