@@ -8,8 +8,8 @@ Parts:
   AdamW engine), steps interleaved round by round in one run: snapshots off; a plain background copy of
   the same bytes each step (the control: what any copy to host memory costs the step on this machine);
   snapshots every step (dist.fault); torch.distributed.checkpoint.async_save every step (the peer; each
-  save waits for the previous one, as its docs recommend). Median step time and spread per mode; overhead ratios vs off;
-  the CPU seconds the snapshot thread uses per snapshot. 256 tokens per rank.
+  save waits for the previous one, as its docs recommend). Median step time and spread per mode; overhead
+  ratios vs off; the CPU seconds the snapshot thread uses per snapshot. 256 tokens per rank.
 - steplong: the same at --seq-long (1024) tokens per rank: a snapshot costs the same, the step is longer.
 - codec: encode and rebuild GB/s of each code (dist.fault.codec) over a group of 4 x 64 MiB blobs,
   rebuilding as many members as the code survives. Data bytes per second.
@@ -356,10 +356,10 @@ def markdown(res: dict) -> str:
                   "step without snapshots. Both cores run the two ranks' compute, so this CPU time is taken "
                   "from the step.", ""]
         if "copy" in s["modes"]:
-            lines[-1:-1] = ["", "copy: the control, a plain low-priority thread copying the same bytes into host memory "
-                            "each step and nothing else (no checksum, no commit, no shared memory): what any host "
-                            "copy costs this step here. Snapshot over copy: "
-                            f"{100 * ((1 + s['modes']['snapshot']['overhead_vs_off']) / (1 + s['modes']['copy']['overhead_vs_off']) - 1):+.1f}%."]
+            over_copy = (1 + s["modes"]["snapshot"]["overhead_vs_off"]) / (1 + s["modes"]["copy"]["overhead_vs_off"]) - 1
+            lines[-1:-1] = ["", "copy: the control, a plain low-priority thread copying the same bytes into host "
+                            "memory each step and nothing else (no checksum, no commit, no shared memory): what any "
+                            f"host copy costs this step here. Snapshot over copy: {100 * over_copy:+.1f}%."]
     if "codec" in res:
         lines += ["## Codes (group of 4, data bytes per second)", "",
                   "| code | encode GB/s (min-max) | rebuild GB/s (min-max) | members rebuilt |", "|---|---|---|---|"]

@@ -40,21 +40,19 @@ def cpu_check(bench: dict, profile_path: str, requests: int) -> list[dict]:
     prompt = Lengths(f"{args['long_len']}:{args['long_share']},{args['short_len']}:{1 - args['long_share']}")
     trace = Trace.sample(prompt, Lengths(str(args["max_tokens"])), requests, seed=0)
     rows = []
-    for scale in args.get("slo_scales", [1.0]):
+    for scale in args["slo_scales"]:
         slo = {"ttft_s": scale * base["ttft_s"], "tpot_s": scale * base["tpot_s"]}
         problem = Problem(lambda inst: fitted, trace, Slo(slo["ttft_s"], slo["tpot_s"]), max_batch=32,
                           chunk=args["chunk_tokens"])
         ranked = search(problem, [Instance("prefill")], [Instance("decode")], [Instance("colocated")], max_gpus=2)
         predicted = {"disaggregated": next(p for p in ranked if p.prefill and p.n_prefill == 1 and p.n_decode == 1),
                      "colocated": next(p for p in ranked if p.prefill is None and p.n_decode == 2)}
-        # goodput per scale; a bench file from before the scales has scale 1 only
-        measured = {mode: bench["summary"][mode]["goodput_by_scale"][str(scale)]
-                    if "goodput_by_scale" in bench["summary"][mode] else bench["summary"][mode]["goodput_rps"]
-                    for mode in predicted}
+        measured = {mode: bench["summary"][mode]["goodput_by_scale"][str(scale)] for mode in predicted}
         pick = max(predicted, key=lambda m: predicted[m].goodput)
         best = max(measured.values())
         rows.append({"scale": scale, "slo": slo, "predicted_rps": {m: p.goodput for m, p in predicted.items()},
-                     "measured_rps": measured, "pick": pick, "best_measured": [m for m in measured if measured[m] == best],
+                     "measured_rps": measured, "pick": pick,
+                     "best_measured": [m for m in measured if measured[m] == best],
                      "pick_vs_best": measured[pick] / best if best else None})
     return {"scales": rows, "profile": fitted.source, "rates": args["rates"], "base_slo": base}
 

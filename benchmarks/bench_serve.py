@@ -163,6 +163,15 @@ def goodput(attainment: dict[float, float]) -> float:
     return best
 
 
+def ratio_text(gd: float, gc: float, lowest: float) -> str:
+    """Disaggregated / colocated goodput; a mode that met no rate of the grid is below its lowest rate."""
+    if gd and gc:
+        return f"{gd / gc:.2f}"
+    if gc:
+        return f"< {lowest / gc:.2f}"
+    return f"> {gd / lowest:.2f}" if gd else "n/a (neither met a rate)"
+
+
 def control_cols(s: dict, idle_tpot: float) -> str:
     if "control_short_tpot_p99" not in s:
         return "- | -"
@@ -264,7 +273,7 @@ def main(argv=None):
                          f"{s['e2e_p99']:.2f} | {s['short_tpot_p99'] / idle_tpot:.2f} | "
                          f"{s['kv_share_of_ttft']:.1%} | {s['failed']} | {control_cols(s, idle_tpot)} |")
     d, c = table["disaggregated"], table["colocated"]
-    ratio = f"{d['goodput_rps'] / c['goodput_rps']:.2f}" if c["goodput_rps"] else "n/a (colocated 0)"
+    ratio = ratio_text(d["goodput_rps"], c["goodput_rps"], min(args.rates))
     lines += ["", f"Idle TPOT: disaggregated {d['idle']['tpot'] * 1e3:.1f} ms, "
                   f"colocated {c['idle']['tpot'] * 1e3:.1f} ms; noise floor (idle TPOT p99 / p50 over "
                   f"{2 * args.idle_requests} one-at-a-time short requests): disaggregated "
@@ -272,12 +281,12 @@ def main(argv=None):
               f"Goodput (highest rate up to which every rate has >= 90% attainment): disaggregated "
               f"{d['goodput_rps']:g}/s, colocated {c['goodput_rps']:g}/s, ratio {ratio}.", "",
               "Goodput with both SLOs scaled (scale 1 = the SLO above):", "",
-              "| SLO scale | TTFT ms | TPOT ms | disaggregated req/s | colocated req/s | ratio |", "|---|---|---|---|---|---|"]
+              "| SLO scale | TTFT ms | TPOT ms | disaggregated req/s | colocated req/s | ratio |",
+              "|---|---|---|---|---|---|"]
     for scale in args.slo_scales:
         gd, gc = d["goodput_by_scale"][scale], c["goodput_by_scale"][scale]
-        lines.append(f"| {scale:g} | {scale * slo_ttft * 1e3:.0f} | {scale * slo_tpot * 1e3:.1f} | {gd:g} | {gc:g} | "
-                     + (f"{gd / gc:.2f} |" if gc and gd else f"< {min(args.rates) / gc:.2f} |" if gc
-                        else f"> {gd / min(args.rates):.2f} |" if gd else "n/a |"))
+        lines.append(f"| {scale:g} | {scale * slo_ttft * 1e3:.0f} | {scale * slo_tpot * 1e3:.1f} | {gd:g} | {gc:g} "
+                     f"| {ratio_text(gd, gc, min(args.rates))} |")
     text = "\n".join(lines) + "\n"
     print(text)
     per_request = {part: {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]

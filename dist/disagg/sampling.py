@@ -84,7 +84,8 @@ class Sequence:
         new = tokenizer.decode(self.output[self.window_start:])[len(before):]
         start = len(self.decoded)
         # a trailing U+FFFD may be a character cut short: wait until text follows it, so the window always
-        # starts on a character boundary and the text equals decoding the whole output
+        # starts on a character boundary and the text equals decoding the whole output (a model emitting
+        # only broken UTF-8 grows the window; any whole character moves it on)
         if new and not new.endswith("\ufffd"):
             self.decoded += new
             self.window_start, self.read_end = self.read_end, len(self.output)
