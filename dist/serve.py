@@ -182,10 +182,13 @@ def serve(cfg) -> None:
 
 
 def listen(host: str, port: int):
-    """A socket bound to host:port with SO_REUSEADDR (a restarted job takes its port back at once)."""
+    """A socket bound to host:port with SO_REUSEADDR (a restarted job takes its port back at once).
+    The protocol is named (IPPROTO_TCP): asyncio sets TCP_NODELAY only on connections whose socket says
+    TCP, and without it Nagle's algorithm holds each stream's first small chunks until the client's
+    delayed ACK (up to 40 ms) instead of sending every token as it comes."""
     import socket
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -298,3 +298,26 @@ def test_long_prompt_over_a_prefill_group_of_two():
         assert complete(server.url, "short")["choices"][0]["finish_reason"] == "length"
     finally:
         assert server.close() is not None
+
+
+def test_streams_are_not_held_by_nagle():
+    """The router's listening socket hands out connections with TCP_NODELAY under asyncio (as uvicorn serves
+    them): otherwise each stream's first small chunks wait for the client's delayed ACK (up to 40 ms)."""
+    from dist.serve import listen
+
+    async def main():
+        seen = asyncio.get_running_loop().create_future()
+
+        def accepted(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.start_server(accepted, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            nodelay = await asyncio.wait_for(seen, 30)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(main()) != 0
