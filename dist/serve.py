@@ -64,19 +64,20 @@ def load_model(cfg, device):
 
 
 def build_links(rt: Runtime, roles: Roles):
-    """Process groups for every link, created in the same order on every rank; returns this rank's
+    """Process groups for every link, created in the same order on every rank (control on gloo, KV and
+    prefill groups on the job's backend: NCCL on GPUs); returns this rank's
     (control channel to the router or {worker: channel} on the router, {decode: kv channel},
     {prefill: kv channel}, (group, ranks) of its prefill group or None)."""
     me = rt.rank
     ctrl, to_decode, from_prefill = {}, {}, {}
-    for w in roles.workers:
+    for w in roles.workers:  # control messages are small and host-side: gloo on every machine
         if w == roles.router:
             continue
-        down, up = dist.new_group([roles.router, w]), dist.new_group([roles.router, w])
+        down, up = (dist.new_group([roles.router, w], backend="gloo") for _ in range(2))
         if me == roles.router:
-            ctrl[w] = DistChannel(w, down, up, rt.device)
+            ctrl[w] = DistChannel(w, down, up, "cpu")
         elif me == w:
-            ctrl[roles.router] = DistChannel(roles.router, up, down, rt.device)
+            ctrl[roles.router] = DistChannel(roles.router, up, down, "cpu")
     ring = None  # (group, ranks) of this rank's prefill group
     for ranks in roles.ring_groups:
         if len(ranks) > 1:

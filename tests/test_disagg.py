@@ -1,6 +1,7 @@
 """dist.disagg in one process: roles, pages, the paged model runner, sampling, KV transfer, and whole
 worker loops (prefill + decode joined by the in-process link) against a plain full-sequence reference."""
 
+import queue
 import threading
 import time
 
@@ -13,7 +14,7 @@ from dist.disagg.kvcache import BlockManager, KVLayout, PagedKVCache
 from dist.disagg.roles import Roles
 from dist.disagg.runner import Runner
 from dist.disagg.sampling import SamplingParams, Sequence, sample
-from dist.disagg.transfer import KVPoll, KVReceiver, KVSender, handshake_recv, handshake_send
+from dist.disagg.transfer import KVPoll, KVReceiver, KVSender, checksum, handshake_recv, handshake_send
 from dist.disagg.worker import Worker
 from dist.models import ByteTokenizer, build_model
 
@@ -123,6 +124,7 @@ def test_sampling_greedy_seeded_and_top_p():
     assert len(set(draws)) > 1
     assert all(sample(logits, SamplingParams(temperature=1.0, top_p=1e-6, seed=s), 0) == int(logits.argmax())
                for s in range(10))  # top_p that small keeps only the most likely token
+
 
 
 def test_stop_strings_streamed_pieces_equal_the_final_text():
@@ -244,6 +246,73 @@ def test_stale_generation_is_refused_and_never_delivered():
     receiver.thread.join(10)
     assert t.state is KVPoll.FAILED and "stale" in t.error
     assert got == [] and dst.manager.num_free == 16
+
+
+class _Corrupting(LocalChannel):
+    """A link that alters the packed pages of layer `layer` in transit."""
+
+    def __init__(self, inbox, outbox, fn, layer):
+        super().__init__(inbox, outbox, timeout_s=10)
+        self.fn, self.layer, self.layers_seen = fn, layer, 0
+
+    def send_tensor(self, t):
+        if t.dim() == 5:  # a packed layer [2, pages, block_size, heads_kv, head_dim]
+            t = t.clone()
+            if self.layers_seen == self.layer:
+                self.fn(t)
+            self.layers_seen += 1
+        super().send_tensor(t)
+
+
+def _swap_pages(t):
+    t[:, [0, 1]] = t[:, [1, 0]]
+
+
+@pytest.mark.parametrize("fn", [
+    lambda t: t.view(-1)[37].add_(1e-3),           # one value off in its last bits
+    _swap_pages,                                    # two pages in each other's place
+    lambda t: t[1].copy_(t[0]),                     # V replaced by K
+    lambda t: t.view(torch.int32).view(-1)[5].bitwise_xor_(1 << 30),  # one flipped bit
+])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_corrupted_kv_is_refused_and_never_delivered(fn, layer):
+    model = build_model("tiny", seed=0)
+    layout = KVLayout.of(model.config, 4, torch.float32)
+    src, dst = PagedKVCache(layout, 16), PagedKVCache(layout, 16)
+    src.k.normal_(generator=torch.Generator().manual_seed(0))
+    src.v.normal_(generator=torch.Generator().manual_seed(1))
+    a, b = queue.Queue(), queue.Queue()
+    tx, rx = _Corrupting(a, b, fn, layer), LocalChannel(b, a, timeout_s=10)
+    got = []
+    receiver = KVReceiver(rx, dst, 0, got.append)
+    sender = KVSender(tx, src, generation=0, heartbeat_s=0.05)
+    t = sender.send(Sequence(5, list(range(10)), SamplingParams(), 2, output=[4], blocks=[4, 9, 1], n_cached=10))
+    sender.close()
+    receiver.thread.join(10)
+    assert t.state is KVPoll.FAILED and "corrupted" in t.error
+    assert got == [] and dst.manager.num_free == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kv_checksum_sees_one_changed_value_in_any_layer_or_row_order(dtype):
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2, 3, 4, 2, 8, generator=gen).to(dtype) for _ in range(3)]
+
+    def total(ls):
+        acc = None
+        for x in ls:
+            acc = checksum(x, acc)
+        return int(acc)
+
+    base = total(layers)
+    assert base == total([x.clone() for x in layers])  # deterministic
+    for i in range(3):
+        for pos in (0, 17, layers[i].numel() - 1):
+            changed = [x.clone() for x in layers]
+            changed[i].view(-1)[pos] += 1
+            assert total(changed) != base, (i, pos)
+    assert total(layers[::-1]) != base  # layers out of order
+    assert total([x.flip(2) for x in layers]) != base  # token rows out of order
 
 
 def test_layout_mismatch_refused_on_both_sides():

@@ -97,7 +97,7 @@ class DistChannel:
 
     def send_tensor(self, t: torch.Tensor) -> None:
         try:
-            dist.send(t.contiguous(), self.peer, group=self.send_group)
+            dist.send(t.contiguous().to(self.device), self.peer, group=self.send_group)  # headers are built on the host
         except RuntimeError as e:
             raise PeerGone(f"rank {self.peer}: {e}") from e
 

@@ -11,10 +11,10 @@ Per request: the prefill side sends a header (request id, generation, token coun
 Sequence (prompt, sampling parameters) before the prompt runs, then each layer's packed pages as soon as
 the prompt's forward has written them (the transfer overlaps the prefill), then a trailer (checksum of
 all pages, first token, characters already streamed); the decode side allocates its pages at the
-header, writes each layer as it lands, checks generation and checksum, answers with a code and hands
-the Sequence (now holding its own pages) to `deliver(seq)`. After the prompt's forward only the last
-layer, the trailer and the answer are left to move. KV
-from another generation of workers (a restart) or with a wrong checksum is dropped and answered
+header, writes each layer as it lands, checks generation and checksum (both sides compute it where the
+pages are, on the GPU there), answers with a code and hands the Sequence (now holding its own pages) to
+`deliver(seq)`. After the prompt's forward only the last layer, the trailer and the answer are left to
+move. KV from another generation of workers (a restart) or with a wrong checksum is dropped and answered
 FAILED: stale KV is never used. An idle sender sends a heartbeat header every `heartbeat_s`, so a
 silent receiver means a dead or stuck peer. `KVTransfer.seconds` is the part the prefill did not hide:
 from the end of the prompt's forward (finish) to the acknowledgement.
@@ -27,7 +27,6 @@ import logging
 import queue
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -73,10 +72,20 @@ class KVTransfer:
         self.parts.put(("end", seq))
 
 
-def checksum(packed: torch.Tensor, crc: int = 0) -> int:
-    """CRC32 of the packed pages' bytes, continuing `crc` (on GPU this copies them to the host)."""
-    data = packed.detach().contiguous().cpu().view(torch.uint8).numpy()
-    return zlib.crc32(memoryview(data), crc)
+CHECK_MOD = (1 << 31) - 1  # a prime: the checksum's terms stay far inside int64
+
+
+def checksum(packed: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """A 31-bit checksum of one layer's packed pages, continuing `acc` (the previous layers'), computed
+    where the pages are: an int64 tensor on their device, so a GPU's KV never goes through the host (the
+    trailer reads it once per request). Each token row's 16-bit words are summed, the rows weighted by
+    their position and the layers folded in order: a changed word, or a lost, moved or stale row or layer,
+    changes it."""
+    rows = packed.detach().contiguous().view(torch.int16).reshape(packed.shape[0] * packed.shape[1]
+                                                                  * packed.shape[2], -1)
+    weights = torch.arange(1, rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    layer = ((rows.sum(dim=1, dtype=torch.int64) % CHECK_MOD) * weights % CHECK_MOD).sum() % CHECK_MOD
+    return layer if acc is None else (acc * 1_000_003 + layer) % CHECK_MOD
 
 
 def handshake_send(ch, layout: KVLayout) -> None:
@@ -151,7 +160,7 @@ class KVSender:
         n_blocks = self.cache.layout.blocks_for(t.n_tokens)
         self.ch.send_tensor(torch.tensor([seq.rid, self.generation, t.n_tokens, n_blocks, 0]))
         self.ch.send(Sequence(seq.rid, seq.prompt, seq.params, seq.decode_rank))  # what is known before the prompt runs
-        crc = 0
+        crc = None
         for _ in range(self.cache.layout.n_layers):  # each layer as soon as the prompt's forward wrote it
             packed = t.parts.get()
             crc = checksum(packed, crc)
@@ -162,7 +171,7 @@ class KVSender:
             assert len(done.output) == 1, "a prefilled sequence carries exactly its first token"
         # trailer: checksum, first token (-1: the request already finished), characters already streamed
         token, streamed = (-1, 0) if done is None else (done.output[0], done.sent)
-        self.ch.send_tensor(torch.tensor([crc, token, streamed]))
+        self.ch.send_tensor(torch.cat([crc.view(1), torch.tensor([token, streamed], device=crc.device)]))
         code = int(self.ch.recv_tensor((1,), torch.int64))
         t.seconds = time.perf_counter() - t.finished_at
         if code == 0:
@@ -207,7 +216,7 @@ class KVReceiver:
         lay = self.cache.layout
         blocks = self.cache.manager.allocate(n_blocks)  # pre-allocated before the pages arrive
         seq: Sequence = self.ch.recv()
-        crc = 0
+        crc = None
         for layer in range(lay.n_layers):
             packed = self.ch.recv_tensor((2, n_blocks, lay.block_size, lay.n_kv_heads, lay.head_dim),
                                          lay.torch_dtype)
@@ -215,7 +224,7 @@ class KVReceiver:
             if blocks is not None:
                 self.cache.unpack_layer(layer, blocks, packed)
         sent_crc, token, streamed = self.ch.recv_tensor((3,), torch.int64).tolist()
-        code = 1 if generation != self.generation else 2 if crc != sent_crc else 3 if blocks is None else 0
+        code = 1 if generation != self.generation else 2 if int(crc) != sent_crc else 3 if blocks is None else 0
         if code or token < 0:  # refused, or the request finished with its first token: the pages go back unused
             if blocks is not None:
                 self.cache.manager.free(blocks)
