@@ -13,7 +13,7 @@ from dist.disagg.channel import LocalChannel, Report, Request, Stop
 from dist.disagg.kvcache import BlockManager, KVLayout, PagedKVCache
 from dist.disagg.roles import Roles
 from dist.disagg.runner import Runner
-from dist.disagg.sampling import SamplingParams, Sequence, sample
+from dist.disagg.sampling import SamplingParams, Sequence, sample, sample_batch
 from dist.disagg.transfer import KVPoll, KVReceiver, KVSender, checksum, handshake_recv, handshake_send
 from dist.disagg.worker import Worker
 from dist.models import ByteTokenizer, build_model
@@ -125,6 +125,15 @@ def test_sampling_greedy_seeded_and_top_p():
     assert all(sample(logits, SamplingParams(temperature=1.0, top_p=1e-6, seed=s), 0) == int(logits.argmax())
                for s in range(10))  # top_p that small keeps only the most likely token
 
+
+def test_a_batch_samples_as_each_row_alone():
+    logits = torch.randn(6, 512, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=t, top_p=p, seed=i) for i, (t, p) in
+              enumerate([(0, 1), (0.8, 1), (0, 1), (1.5, 0.9), (0, 1), (1.0, 0.5)])]
+    steps = [0, 3, 1, 7, 2, 5]
+    want = [sample(logits[i], params[i], steps[i]) for i in range(6)]
+    assert sample_batch(logits, params, steps) == want
+    assert [want[i] for i in (0, 2, 4)] == logits[[0, 2, 4]].argmax(dim=-1).tolist()
 
 
 def test_stop_strings_streamed_pieces_equal_the_final_text():

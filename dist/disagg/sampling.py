@@ -3,6 +3,7 @@
     params = SamplingParams(max_tokens=16, temperature=0.0)          # 0: greedy
     seq = Sequence(rid=1, prompt=[...], params=params)
     token = sample(logits, params, step=len(seq.output))
+    tokens = sample_batch(batch_logits, [s.params for s in seqs], [len(s.output) for s in seqs])
     delta, finish = seq.append(token, tokenizer)                      # text to stream, None | "stop" | "length"
 
 Sampling with temperature > 0 draws from a generator seeded by (seed, step), so the same request gives
@@ -38,6 +39,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     gen = torch.Generator().manual_seed((params.seed * 1_000_003 + step) % (2 ** 63))
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """One token per row of logits [batch, vocab], each as sample() draws it; the greedy rows with one argmax
+    and one copy to the host for the whole batch (on a GPU, one sync per decode step, not one per request)."""
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    return [g if p.temperature == 0 else sample(logits[i], p, step)
+            for i, (g, p, step) in enumerate(zip(greedy, params, steps))]
 
 
 def _holdback(text: str, stops: list[str]) -> int:

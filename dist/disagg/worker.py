@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .channel import Abort, Event, PeerGone, Report, Request, Stop
 from .runner import Runner
-from .sampling import Sequence, sample
+from .sampling import Sequence, sample, sample_batch
 from .transfer import KVPoll, KVSender, KVTransfer
 
 log = logging.getLogger("dist.disagg")
@@ -209,22 +209,24 @@ class Worker:
                 continue  # more chunks to go
             self.waiting.remove(seq)
             transfer = self.transfers.pop(seq.rid, None)
-            finished = self._advance(seq, logits, release=transfer is None)
+            finished = self._advance(seq, sample(logits, seq.params, len(seq.output)), release=transfer is None)
             if transfer is not None:  # pages stay until the decode worker has them (or dropped them)
                 transfer.finish(None if finished else seq)
                 self.sending.append(transfer)
             elif not finished:
                 self.running.append(seq)
         finished = set()
-        for i, seq in enumerate(batch.decode):
-            if self._advance(seq, decode_logits[i]):
-                finished.add(seq.rid)
+        if batch.decode:
+            seqs = batch.decode
+            tokens = sample_batch(decode_logits, [s.params for s in seqs], [len(s.output) for s in seqs])
+            for seq, token in zip(seqs, tokens):
+                if self._advance(seq, token):
+                    finished.add(seq.rid)
         if finished:
             self.running = [s for s in self.running if s.rid not in finished]
 
-    def _advance(self, seq: Sequence, logits, release: bool = True) -> bool:
-        """Sample the next token, queue its event; True when the request is finished (pages freed if `release`)."""
-        token = sample(logits, seq.params, len(seq.output))
+    def _advance(self, seq: Sequence, token: int, release: bool = True) -> bool:
+        """Append the sampled token, queue its event; True when the request is finished (pages freed if `release`)."""
         delta, finish = seq.append(token, self.tokenizer)
         self.events.append(Event(seq.rid, delta, len(seq.output), finish))
         if finish and release:
