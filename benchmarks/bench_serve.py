@@ -135,9 +135,8 @@ async def stream_of_long_prompts(url: str, args, seed: int, with_long: bool) -> 
         for at, is_long in arrivals:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
             prompt = ("L" + "x" * (args.long_len - 2)) if is_long else ("s" + "x" * (args.short_len - 2))
-            tasks.append((is_long, asyncio.create_task(one(client, url, prompt, 1 if is_long else args.max_tokens,
-                                                           is_long))))
-        return [await task for is_long, task in tasks if not is_long]
+            tasks.append(asyncio.create_task(one(client, url, prompt, 1 if is_long else args.max_tokens, is_long)))
+        return [r for r in await asyncio.gather(*tasks) if not r["long"]]
 
 
 def idle(url: str, args) -> dict:
