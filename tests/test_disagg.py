@@ -281,6 +281,7 @@ def _swap_pages(t):
     lambda t: t.view(-1)[37].add_(1e-3),           # one value off in its last bits
     _swap_pages,                                    # two pages in each other's place
     lambda t: t[1].copy_(t[0]),                     # V replaced by K
+    lambda t: t[:, 0, 0].copy_(t[:, 0, 0].flip(1)),  # a token's two KV heads swapped
     lambda t: t.view(torch.int32).view(-1)[5].bitwise_xor_(1 << 30),  # one flipped bit
 ])
 @pytest.mark.parametrize("layer", [0, 1])
@@ -322,6 +323,16 @@ def test_kv_checksum_sees_one_changed_value_in_any_layer_or_row_order(dtype):
             assert total(changed) != base, (i, pos)
     assert total(layers[::-1]) != base  # layers out of order
     assert total([x.flip(2) for x in layers]) != base  # token rows out of order
+    assert total([x.flip(3) for x in layers]) != base  # KV heads swapped within each row
+
+
+def test_kv_checksum_is_the_same_in_chunks(monkeypatch):
+    import dist.disagg.transfer as transfer
+
+    x = torch.randn(2, 5, 16, 2, 32, generator=torch.Generator().manual_seed(1))
+    whole = int(transfer.checksum(x))
+    monkeypatch.setattr(transfer, "CHECK_WORDS", 7 * 128)  # 7 rows of 64 fp32 values (128 words) at a time
+    assert int(transfer.checksum(x)) == whole
 
 
 def test_layout_mismatch_refused_on_both_sides():

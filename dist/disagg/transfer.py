@@ -73,18 +73,26 @@ class KVTransfer:
 
 
 CHECK_MOD = (1 << 31) - 1  # a prime: the checksum's terms stay far inside int64
+CHECK_WORDS = 1 << 24      # words widened to int64 at a time (128 MB), so a long prompt's layer is not copied whole
 
 
 def checksum(packed: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """A 31-bit checksum of one layer's packed pages, continuing `acc` (the previous layers'), computed
     where the pages are: an int64 tensor on their device, so a GPU's KV never goes through the host (the
-    trailer reads it once per request). Each token row's 16-bit words are summed, the rows weighted by
-    their position and the layers folded in order: a changed word, or a lost, moved or stale row or layer,
-    changes it."""
+    trailer reads it once per request). Each token row's 16-bit words are weighted by their column and
+    summed, the rows weighted by their position and the layers folded in order: a changed word, two words
+    of a row swapped, or a lost, moved or stale row or layer changes it."""
     rows = packed.detach().contiguous().view(torch.int16).reshape(packed.shape[0] * packed.shape[1]
                                                                   * packed.shape[2], -1)
-    weights = torch.arange(1, rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
-    layer = ((rows.sum(dim=1, dtype=torch.int64) % CHECK_MOD) * weights % CHECK_MOD).sum() % CHECK_MOD
+    n, width = rows.shape
+    dev = rows.device
+    cols = torch.arange(1, width + 1, dtype=torch.int64, device=dev)
+    layer = torch.zeros((), dtype=torch.int64, device=dev)
+    step = max(1, CHECK_WORDS // width)
+    for start in range(0, n, step):
+        sums = (rows[start:start + step].to(torch.int64) * cols).sum(dim=1) % CHECK_MOD
+        weights = torch.arange(start + 1, start + len(sums) + 1, dtype=torch.int64, device=dev)
+        layer = (layer + (sums * weights % CHECK_MOD).sum()) % CHECK_MOD
     return layer if acc is None else (acc * 1_000_003 + layer) % CHECK_MOD
 
 
