@@ -73,7 +73,7 @@ def build_links(rt: Runtime, roles: Roles):
     for w in roles.workers:  # control messages are small and host-side: gloo on every machine
         if w == roles.router:
             continue
-        down, up = (dist.new_group([roles.router, w], backend="gloo") for _ in range(2))
+        down, up = (dist.new_group([roles.router, w], backend="gloo", timeout=rt.timeout) for _ in range(2))
         if me == roles.router:
             ctrl[w] = DistChannel(w, down, up, "cpu")
         elif me == w:
@@ -81,7 +81,7 @@ def build_links(rt: Runtime, roles: Roles):
     ring = None  # (group, ranks) of this rank's prefill group
     for ranks in roles.ring_groups:
         if len(ranks) > 1:
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), timeout=rt.timeout)
             if me in ranks:
                 ring = (group, ranks)
     if roles.mode == "disaggregated":
@@ -89,7 +89,7 @@ def build_links(rt: Runtime, roles: Roles):
             for d in roles.decode:
                 if p == d:
                     continue
-                fwd, back = dist.new_group([p, d]), dist.new_group([p, d])
+                fwd, back = dist.new_group([p, d], timeout=rt.timeout), dist.new_group([p, d], timeout=rt.timeout)
                 if me == p:
                     to_decode[d] = DistChannel(d, fwd, back, rt.device)
                 elif me == d:
