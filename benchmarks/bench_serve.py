@@ -124,7 +124,7 @@ async def load(url: str, rate: float, n: int, long_share: float, long_len: int, 
 async def stream_of_long_prompts(url: str, args, seed: int, with_long: bool) -> list[dict]:
     """The TPOT target's own test: short requests (Poisson, --stream-short-rate) while long prompts that only
     prefill (max_tokens 1, Poisson, --stream-long-rate) arrive beside them, or (control) the same short
-    requests alone. Returns the short requests."""
+    requests alone. Returns every request (long ones marked)."""
     rng = np.random.default_rng(seed)
     n = args.stream_requests
     short_at = np.cumsum(rng.exponential(1.0 / args.stream_short_rate, n))
@@ -136,7 +136,7 @@ async def stream_of_long_prompts(url: str, args, seed: int, with_long: bool) -> 
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
             prompt = ("L" + "x" * (args.long_len - 2)) if is_long else ("s" + "x" * (args.short_len - 2))
             tasks.append(asyncio.create_task(one(client, url, prompt, 1 if is_long else args.max_tokens, is_long)))
-        return [r for r in await asyncio.gather(*tasks) if not r["long"]]
+        return await asyncio.gather(*tasks)
 
 
 def idle(url: str, args) -> dict:
@@ -228,6 +228,8 @@ def main(argv=None):
                     help="long prompts (prefill only) per second beside them")
     ap.add_argument("--out", default="bench_serve")
     args = ap.parse_args(argv)
+    if min(args.rates + [args.stream_short_rate, args.stream_long_rate]) <= 0:
+        ap.error("--rates, --stream-short-rate and --stream-long-rate must be > 0")
 
     load_start = os.getloadavg()[0]
     modes = ("colocated", "disaggregated")
@@ -283,7 +285,7 @@ def main(argv=None):
                 table[mode]["rates"][rate]["control_short_tpot_p99"] = summarize(r["control"], slo_ttft,
                                                                                  slo_tpot)["short_tpot_p99"]
         table[mode]["goodput_rps"] = goodput({rate: s["attainment"] for rate, s in table[mode]["rates"].items()})
-        tpots = {part: [r["tpot"] for r in rs if r["ok"]] for part, rs in run["stream"].items()}
+        tpots = {part: [r["tpot"] for r in rs if r["ok"] and not r["long"]] for part, rs in run["stream"].items()}
         table[mode]["stream"] = {f"{part}_tpot_{q}": pct(tpots[part], q) for part in tpots for q in (50, 99)}
         table[mode]["stream"]["failed"] = sum(not r["ok"] for rs in run["stream"].values() for r in rs)
         table[mode]["goodput_by_scale"] = {
@@ -346,7 +348,11 @@ def main(argv=None):
                               for k, v in r["rates"].items() if v[part] is not None} for m, r in runs.items()}
                    for part in ("results", "control")}
     write_results(args.out, {"args": vars(args), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "summary": table,
-                             "requests": per_request["results"], "control_requests": per_request["control"]},
+                             "requests": per_request["results"], "control_requests": per_request["control"],
+                             "stream_requests": {m: {part: [{key: round(x[key], 5) if isinstance(x[key], float)
+                                                             else x[key] for key in ("long", "ok", "ttft", "tpot")}
+                                                            for x in rs] for part, rs in r["stream"].items()}
+                                                 for m, r in runs.items()}},
                   text, indent=None)
     import matplotlib
 
