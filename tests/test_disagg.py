@@ -1,7 +1,6 @@
 """dist.disagg in one process: roles, pages, the paged model runner, sampling, KV transfer, and whole
 worker loops (prefill + decode joined by the in-process link) against a plain full-sequence reference."""
 
-import queue
 import threading
 import time
 
@@ -218,13 +217,32 @@ def test_streamed_text_equals_decoding_the_whole_output_at_a_cost_per_token(kind
 
 # ---------------------------------------------------------------- KV transfer (in-process link)
 
-def _transfer_setup(generation_rx=0):
+class _Corrupting(LocalChannel):
+    """A link that alters the packed pages of layer `layer` in transit."""
+
+    def __init__(self, inbox, outbox, fn, layer):
+        super().__init__(inbox, outbox, timeout_s=10)
+        self.fn, self.layer, self.layers_seen = fn, layer, 0
+
+    def send_tensor(self, t):
+        if t.dim() == 5:  # a packed layer [2, pages, block_size, heads_kv, head_dim]
+            t = t.clone()
+            if self.layers_seen == self.layer:
+                self.fn(t)
+            self.layers_seen += 1
+        super().send_tensor(t)
+
+
+def _transfer_setup(generation_rx=0, corrupt=None):
+    """Two caches joined by an in-process link; `corrupt` = (fn, layer) alters that layer's pages in transit."""
     model = build_model("tiny", seed=0)
     layout = KVLayout.of(model.config, 4, torch.float32)
     src, dst = PagedKVCache(layout, 16), PagedKVCache(layout, 16)
     src.k.normal_(generator=torch.Generator().manual_seed(0))
     src.v.normal_(generator=torch.Generator().manual_seed(1))
     tx_ch, rx_ch = LocalChannel.pair(timeout_s=10)
+    if corrupt:
+        tx_ch = _Corrupting(tx_ch.inbox, tx_ch.outbox, *corrupt)
     got = []
     done = threading.Event()
     receiver = KVReceiver(rx_ch, dst, generation_rx, lambda seq: (got.append(seq), done.set()))
@@ -257,22 +275,6 @@ def test_stale_generation_is_refused_and_never_delivered():
     assert got == [] and dst.manager.num_free == 16
 
 
-class _Corrupting(LocalChannel):
-    """A link that alters the packed pages of layer `layer` in transit."""
-
-    def __init__(self, inbox, outbox, fn, layer):
-        super().__init__(inbox, outbox, timeout_s=10)
-        self.fn, self.layer, self.layers_seen = fn, layer, 0
-
-    def send_tensor(self, t):
-        if t.dim() == 5:  # a packed layer [2, pages, block_size, heads_kv, head_dim]
-            t = t.clone()
-            if self.layers_seen == self.layer:
-                self.fn(t)
-            self.layers_seen += 1
-        super().send_tensor(t)
-
-
 def _swap_pages(t):
     t[:, [0, 1]] = t[:, [1, 0]]
 
@@ -286,16 +288,7 @@ def _swap_pages(t):
 ])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_corrupted_kv_is_refused_and_never_delivered(fn, layer):
-    model = build_model("tiny", seed=0)
-    layout = KVLayout.of(model.config, 4, torch.float32)
-    src, dst = PagedKVCache(layout, 16), PagedKVCache(layout, 16)
-    src.k.normal_(generator=torch.Generator().manual_seed(0))
-    src.v.normal_(generator=torch.Generator().manual_seed(1))
-    a, b = queue.Queue(), queue.Queue()
-    tx, rx = _Corrupting(a, b, fn, layer), LocalChannel(b, a, timeout_s=10)
-    got = []
-    receiver = KVReceiver(rx, dst, 0, got.append)
-    sender = KVSender(tx, src, generation=0, heartbeat_s=0.05)
+    src, dst, sender, receiver, got, done = _transfer_setup(corrupt=(fn, layer))
     t = sender.send(Sequence(5, list(range(10)), SamplingParams(), 2, output=[4], blocks=[4, 9, 1], n_cached=10))
     sender.close()
     receiver.thread.join(10)
