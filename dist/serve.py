@@ -70,10 +70,14 @@ def build_links(rt: Runtime, roles: Roles):
     {prefill: kv channel}, (group, ranks) of its prefill group or None)."""
     me = rt.rank
     ctrl, to_decode, from_prefill = {}, {}, {}
+
+    def two(ranks, backend=None):  # a group per direction, as DistChannel wants
+        return (dist.new_group(ranks, backend=backend, timeout=rt.timeout) for _ in range(2))
+
     for w in roles.workers:  # control messages are small and host-side: gloo on every machine
         if w == roles.router:
             continue
-        down, up = (dist.new_group([roles.router, w], backend="gloo", timeout=rt.timeout) for _ in range(2))
+        down, up = two([roles.router, w], backend="gloo")
         if me == roles.router:
             ctrl[w] = DistChannel(w, down, up, "cpu")
         elif me == w:
@@ -89,7 +93,7 @@ def build_links(rt: Runtime, roles: Roles):
             for d in roles.decode:
                 if p == d:
                     continue
-                fwd, back = dist.new_group([p, d], timeout=rt.timeout), dist.new_group([p, d], timeout=rt.timeout)
+                fwd, back = two([p, d])
                 if me == p:
                     to_decode[d] = DistChannel(d, fwd, back, rt.device)
                 elif me == d:

@@ -84,12 +84,8 @@ class DistChannel:
     def send(self, obj) -> None:
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         with self.lock:
-            try:
-                dist.send(torch.tensor([data.numel()], dtype=torch.int64).to(self.device), self.peer,
-                          group=self.send_group)
-                dist.send(data.to(self.device), self.peer, group=self.send_group)
-            except RuntimeError as e:
-                raise PeerGone(f"rank {self.peer}: {e}") from e
+            self.send_tensor(torch.tensor([data.numel()], dtype=torch.int64))
+            self.send_tensor(data)
 
     def recv(self):
         n = self.recv_tensor((1,), torch.int64)
@@ -97,7 +93,7 @@ class DistChannel:
 
     def send_tensor(self, t: torch.Tensor) -> None:
         try:
-            dist.send(t.contiguous().to(self.device), self.peer, group=self.send_group)  # headers are built on the host
+            dist.send(t.contiguous().to(self.device), self.peer, group=self.send_group)  # headers: host tensors
         except RuntimeError as e:
             raise PeerGone(f"rank {self.peer}: {e}") from e
 
