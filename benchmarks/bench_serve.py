@@ -343,15 +343,15 @@ def main(argv=None):
                      f"| {st['failed']} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    per_request = {part: {m: {str(k): [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
-                                        for key in ("long", "ok", "ttft", "tpot", "e2e")} for x in v[part]]
-                              for k, v in r["rates"].items() if v[part] is not None} for m, r in runs.items()}
-                   for part in ("results", "control")}
+    def rows(results):  # per request, for the JSON
+        return [{key: round(x[key], 5) if isinstance(x[key], float) else x[key]
+                 for key in ("long", "ok", "ttft", "tpot", "e2e")} for x in results]
+
+    per_request = {part: {m: {str(k): rows(v[part]) for k, v in r["rates"].items() if v[part] is not None}
+                          for m, r in runs.items()} for part in ("results", "control")}
     write_results(args.out, {"args": vars(args), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "summary": table,
                              "requests": per_request["results"], "control_requests": per_request["control"],
-                             "stream_requests": {m: {part: [{key: round(x[key], 5) if isinstance(x[key], float)
-                                                             else x[key] for key in ("long", "ok", "ttft", "tpot")}
-                                                            for x in rs] for part, rs in r["stream"].items()}
+                             "stream_requests": {m: {part: rows(rs) for part, rs in r["stream"].items()}
                                                  for m, r in runs.items()}},
                   text, indent=None)
     import matplotlib
