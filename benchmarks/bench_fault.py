@@ -356,7 +356,8 @@ def markdown(res: dict) -> str:
                   "step without snapshots. Both cores run the two ranks' compute, so this CPU time is taken "
                   "from the step.", ""]
         if "copy" in s["modes"]:
-            over_copy = (1 + s["modes"]["snapshot"]["overhead_vs_off"]) / (1 + s["modes"]["copy"]["overhead_vs_off"]) - 1
+            modes = s["modes"]
+            over_copy = (1 + modes["snapshot"]["overhead_vs_off"]) / (1 + modes["copy"]["overhead_vs_off"]) - 1
             lines[-1:-1] = ["", "copy: the control, a plain low-priority thread copying the same bytes into host "
                             "memory each step and nothing else (no checksum, no commit, no shared memory): what any "
                             f"host copy costs this step here. Snapshot over copy: {100 * over_copy:+.1f}%."]

@@ -278,7 +278,8 @@ def main(argv=None):
             "cluster": "Llama-3-8B bf16 on H100s, 8 per node, NVLink (nvlink-h100) inside, InfiniBand NDR "
                        "(ib-400) across, per group size the fastest strategy (CostModel(strategy=\"auto\"))",
             "cost_model": cm.to_dict(), "max_tokens_per_rank": cap, "max_context": args.max_context,
-            "tokens_per_rank": args.tokens_per_rank, "time_limit_s": args.time_limit, "seed": args.seed, "seeds": args.seeds,
+            "tokens_per_rank": args.tokens_per_rank, "time_limit_s": args.time_limit, "seed": args.seed,
+            "seeds": args.seeds,
             "quick": args.quick},
         "plan": plan, "step": step, "sweep": sweep, "seeds": seeds}
     md = markdown(result)
